@@ -1,0 +1,66 @@
+"""LongAct core: pure-torch q/k channel statistics, row masks and exact sparse updates.
+
+No ray or verl imports here: the verl integration wires these pieces into its workers.
+
+- ``adapters``: where q_proj/k_proj (and q_norm/k_norm) live per HF ``model_type``.
+- ``stats``: per-channel |x| statistics with exact merges and an EMA.
+- ``capture``: forward hooks that gather statistics from real tokens.
+- ``masks``: scores, policies and granularities that turn statistics into row masks.
+- ``sparse_update``: keeps rows outside the mask bit-identical through optimizer steps.
+- ``sharding``: FSDP2 (DTensor ``Shard(0)``) local row ranges.
+"""
+
+from longact.core.adapters import (
+    ADAPTERS,
+    ArchAdapter,
+    LayerQK,
+    ParamRef,
+    QKLayout,
+    get_adapter,
+    normalize_param_name,
+    rope_pairs,
+)
+from longact.core.capture import QKCapture, capture_qk_stats
+from longact.core.masks import (
+    GRANULARITIES,
+    POLICIES,
+    SCORES,
+    MaskSet,
+    build_masks,
+    mask_memory_bytes,
+    n_keep,
+    select_rows,
+    validate_ratio,
+)
+from longact.core.sharding import local_row_range, local_tensor
+from longact.core.sparse_update import RowMaskGuard
+from longact.core.stats import ChannelStats, QKStats, ema, merge
+
+__all__ = [
+    "ADAPTERS",
+    "GRANULARITIES",
+    "POLICIES",
+    "SCORES",
+    "ArchAdapter",
+    "ChannelStats",
+    "LayerQK",
+    "MaskSet",
+    "ParamRef",
+    "QKCapture",
+    "QKLayout",
+    "QKStats",
+    "RowMaskGuard",
+    "build_masks",
+    "capture_qk_stats",
+    "ema",
+    "get_adapter",
+    "local_row_range",
+    "local_tensor",
+    "mask_memory_bytes",
+    "merge",
+    "n_keep",
+    "normalize_param_name",
+    "rope_pairs",
+    "select_rows",
+    "validate_ratio",
+]

@@ -1,0 +1,197 @@
+"""Forward hooks that accumulate q/k channel statistics (plumbing around stats.py).
+
+``capture_qk_stats(model)`` registers forward hooks on every layer's q_proj / k_proj
+(``point="proj"``, default: works for every architecture) or on q_norm / k_norm
+(``point="norm"``, Qwen3-style per-head RMSNorm; an error for models without them) and
+accumulates :class:`~longact.core.stats.QKStats` from the real tokens of each pass.
+Hooks are removed on exit; the capture object can also be kept attached for a whole
+training run (``attach()`` / ``detach()``), with ``take()`` returning and clearing the
+statistics at each mask refresh.
+
+Shapes: q_proj output (B, T, n_heads*head_dim); q_norm output (B, T, n_heads, head_dim)
+(Gemma3: (B, n_heads, T, head_dim), see ``ArchAdapter.norm_heads_first``), flattened to
+(B, T, n_heads*head_dim). Statistics are per channel of that last dim.
+
+Which tokens count, in order of precedence:
+1. a mask given with ``token_mask=`` / ``set_token_mask(mask)`` (B, T) bool;
+2. the ``attention_mask`` (B, T) passed to the model's forward (read by a forward
+   pre-hook on ``model``); if it is longer than the activation (generation with a KV
+   cache), its last T columns are used;
+3. otherwise every token (packed / remove-padding inputs of shape (1, total_nnz)).
+A 2-D mask whose shape does not fit the activation raises.
+
+Which passes count: a top-level forward of ``model`` counts if grad mode is on and the
+model is in training mode at entry, or always with ``during_no_grad=True`` (calibration
+passes). Gradient checkpointing replays layer forwards during backward; a hook that fires
+inside the autograd engine (``torch._C._current_graph_task_id() != -1``) is such a replay
+and is skipped. This covers non-reentrant checkpointing (first forward with grad on,
+replay in backward) and reentrant checkpointing (first forward under no_grad inside a
+grad-enabled top-level pass, so judged by the state at model entry; replay in backward).
+Hooks fired outside a top-level forward of ``model`` use the current grad mode and the
+module's training flag.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, Self
+
+import torch
+from torch import nn
+
+from longact.core.adapters import ArchAdapter, Key, get_adapter
+from longact.core.stats import QKStats
+
+POINTS = ("proj", "norm")
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs (e.g. a checkpoint recomputation)."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class QKCapture:
+    """Accumulates q/k statistics from forward hooks. Use as a context manager."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: ArchAdapter | None = None,
+        point: str = "proj",
+        token_mask: torch.Tensor | None = None,
+        during_no_grad: bool = False,
+    ):
+        if point not in POINTS:
+            raise ValueError(f"unknown capture point {point!r}; valid: {', '.join(POINTS)}")
+        self.model = model
+        self.adapter = adapter or get_adapter(model)
+        self.point = point
+        self.during_no_grad = during_no_grad
+        self.layout = self.adapter.layout(model)
+        self.layers = self.adapter.layers(model)
+        if point == "norm" and any(la.q_norm is None or la.k_norm is None for la in self.layers):
+            raise ValueError(
+                f"point='norm' needs q_norm/k_norm modules; {type(model).__name__} "
+                f"({self.adapter.model_type}) has none: use point='proj'"
+            )
+        self._device = next(self.layers[0].q_proj.parameters()).device
+        self.stats = QKStats.empty(self.layout.row_counts(), self._device)
+        self._token_mask = token_mask
+        self._pass_mask: torch.Tensor | None = None
+        self._pass_active: bool | None = None  # None: not inside a top-level forward
+        self._mask_arg_index = self._find_mask_arg_index(model)
+        self._handles: list[Any] = []
+
+    # ---- public ----------------------------------------------------------------------
+    def set_token_mask(self, mask: torch.Tensor | None) -> None:
+        """(B, T) bool/int mask of tokens to count for the next passes; None to clear."""
+        self._token_mask = mask
+
+    def take(self) -> QKStats:
+        """Return the statistics gathered so far and start from zero."""
+        out = self.stats
+        self.stats = QKStats.empty(self.layout.row_counts(), self._device)
+        return out
+
+    def attach(self) -> QKCapture:
+        if self._handles:
+            return self
+        self._handles.append(
+            self.model.register_forward_pre_hook(self._on_model_entry, with_kwargs=True)
+        )
+        self._handles.append(
+            self.model.register_forward_hook(self._on_model_exit, always_call=True)
+        )
+        for layer in self.layers:
+            for proj in ("q", "k"):
+                mod = layer.proj(proj) if self.point == "proj" else layer.norm(proj)
+                self._handles.append(
+                    mod.register_forward_hook(self._make_hook((layer.index, proj)))
+                )
+        return self
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._pass_active, self._pass_mask = None, None
+
+    def __enter__(self) -> Self:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # ---- hooks -----------------------------------------------------------------------
+    @staticmethod
+    def _find_mask_arg_index(model: nn.Module) -> int | None:
+        try:
+            params = list(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError):
+            return None
+        return params.index("attention_mask") if "attention_mask" in params else None
+
+    def _on_model_entry(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._pass_active = self.during_no_grad or (torch.is_grad_enabled() and module.training)
+        mask = kwargs.get("attention_mask")
+        if mask is None and self._mask_arg_index is not None and len(args) > self._mask_arg_index:
+            mask = args[self._mask_arg_index]
+        self._pass_mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def _on_model_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        self._pass_active, self._pass_mask = None, None
+
+    def _active(self, module: nn.Module) -> bool:
+        if _in_backward():
+            return False  # gradient-checkpointing replay
+        if self._pass_active is not None:
+            return self._pass_active
+        return self.during_no_grad or (torch.is_grad_enabled() and module.training)
+
+    def _make_hook(self, key: Key) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if not self._active(module):
+                return
+            out = output[0] if isinstance(output, tuple) else output
+            self._record(key, out)
+
+        return hook
+
+    @torch.no_grad()
+    def _record(self, key: Key, out: torch.Tensor) -> None:
+        n_channels = self.layout.rows(key[1])
+        if self.point == "norm":
+            if self.adapter.norm_heads_first:
+                out = out.transpose(-3, -2)  # (B, H, T, D) -> (B, T, H, D)
+            lead = out.shape[:-2]  # (B, T, H, D) -> (B, T)
+        else:
+            lead = out.shape[:-1]  # (B, T, C) -> (B, T)
+        x = out.detach().reshape(*lead, n_channels)  # (B, T, C)
+        mask = self._token_mask if self._token_mask is not None else self._pass_mask
+        if mask is not None:
+            mask = self._fit_mask(mask, lead)  # (B, T) bool
+        self.stats.update(key, x, mask)
+
+    @staticmethod
+    def _fit_mask(mask: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+        if tuple(mask.shape) == tuple(lead):
+            return mask.to(torch.bool)
+        fits_rows = mask.dim() == 2 and len(lead) == 2 and mask.shape[0] == lead[0]
+        if fits_rows and mask.shape[1] > lead[1]:  # KV-cache decoding: the newest T positions
+            return mask[:, -lead[1] :].to(torch.bool)
+        raise ValueError(
+            f"token mask of shape {tuple(mask.shape)} does not fit activations with "
+            f"token dims {tuple(lead)}"
+        )
+
+
+def capture_qk_stats(
+    model: nn.Module,
+    adapter: ArchAdapter | None = None,
+    point: str = "proj",
+    token_mask: torch.Tensor | None = None,
+    during_no_grad: bool = False,
+) -> QKCapture:
+    """``with capture_qk_stats(model) as cap: ...; stats = cap.stats`` (hooks gone after)."""
+    return QKCapture(model, adapter, point, token_mask, during_no_grad)

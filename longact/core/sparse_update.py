@@ -1,0 +1,194 @@
+"""Exact sparse updates of W_Q / W_K rows through any torch optimizer (plumbing).
+
+LongAct trains only the rows of W_Q and W_K whose output channels are in the mask
+(q/k bias entries follow their rows); every other parameter trains normally. Zeroing a
+gradient is not enough under AdamW: decoupled weight decay and stale momentum still move
+the row. :class:`RowMaskGuard` makes a frozen row *bit-identical* through a step:
+
+1. ``guard.mask_grads()`` zeroes the frozen rows of the W_Q/W_K (and bias) gradients.
+   Call it after backward and BEFORE gradient clipping, so the clipping norm is the norm
+   of the gradients that are actually applied.
+2. ``guard.step(optimizer)`` (or ``with guard.protect(optimizer): optimizer.step()``)
+   copies the frozen rows of each managed parameter and of its param-shaped optimizer
+   state (exp_avg, exp_avg_sq, momentum_buffer, ...) before the step and writes them back
+   after it. State created by this very step is zeroed on frozen rows (= its lazily
+   initialised value), so a frozen row never accumulates moments.
+
+Optimizer-state policy on a mask refresh (``set_masks(new, optimizer)``; our choice, the
+paper does not say): rows that LEAVE the mask keep their parameter values and their
+moments frozen as they were. Rows that ENTER the mask get their param-shaped state reset
+to zero (``reentry="reset"``, default) so moments from an old training period do not
+kick; ``reentry="keep"`` resumes from the frozen moments. Caveat either way: AdamW's step
+counter is per tensor, so a zero-moment row starts with the bias correction of a late
+step (first update about lr*(1-beta1)/sqrt(1-beta2), ~3x lr for default betas).
+
+FSDP2: parameters, grads and optimizer state are DTensors sharded ``Shard(0)``; each rank
+applies its own row slice of the mask to the local shard (see ``sharding.py``), with no
+communication. Build the guard after ``fully_shard`` and outside forward/backward, so
+it holds the sharded parameters. A full mask (every row trainable) touches nothing:
+results are bit-identical to plain training.
+
+Memory: ``protect`` copies the frozen local rows of each managed parameter and its
+param-shaped state for the duration of the step (AdamW fp32: 3 x frozen elements x 4 B).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from longact.core.adapters import ArchAdapter, ParamRef, get_adapter
+from longact.core.masks import MaskSet
+from longact.core.sharding import local_row_range, local_tensor
+
+REENTRY = ("reset", "keep")
+
+
+@dataclass
+class _Target:
+    """One W_Q/W_K weight or q/k bias and this rank's view of its row mask."""
+
+    name: str
+    ref: ParamRef
+    param: nn.Parameter
+    start: int  # global rows [start, stop) held locally
+    stop: int
+    frozen: torch.Tensor  # (n_frozen_local,) long, local row indices, on the param device
+
+
+def _state_tensors(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, Any]:
+    """Param-shaped tensors of the optimizer state of ``param`` (exp_avg, ...)."""
+    state = optimizer.state.get(param) or {}
+    return {
+        k: v
+        for k, v in state.items()
+        if torch.is_tensor(v) and tuple(v.shape) == tuple(param.shape)
+    }
+
+
+class RowMaskGuard:
+    """Keeps the rows outside a MaskSet bit-identical through optimizer steps."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        masks: MaskSet,
+        adapter: ArchAdapter | None = None,
+        reentry: str = "reset",
+    ):
+        if reentry not in REENTRY:
+            raise ValueError(f"unknown reentry policy {reentry!r}; valid: {', '.join(REENTRY)}")
+        self.adapter = adapter or get_adapter(model)
+        self.reentry = reentry
+        self.targets: list[_Target] = []
+        for name, ref, param in self.adapter.qk_params(model):
+            start, stop = local_row_range(param)
+            empty = torch.zeros(0, dtype=torch.long, device=param.device)
+            self.targets.append(_Target(name, ref, param, start, stop, empty))
+        if not self.targets:
+            raise ValueError(
+                f"no q/k projection parameters found in {type(model).__name__} "
+                f"for adapter {self.adapter.model_type!r}"
+            )
+        self.masks: MaskSet | None = None
+        self.set_masks(masks)
+
+    # ---- masks -----------------------------------------------------------------------
+    def _validate(self, masks: MaskSet) -> None:
+        weight_keys = {t.ref.key for t in self.targets if t.ref.kind == "weight"}
+        for t in self.targets:
+            if t.ref.key not in masks:
+                raise ValueError(f"mask set has no mask for {t.ref.key} ({t.name})")
+            n = masks[t.ref.key].numel()
+            if n != t.param.shape[0]:
+                raise ValueError(
+                    f"mask for {t.ref.key} has {n} rows but {t.name} has {t.param.shape[0]} "
+                    f"rows (shape {tuple(t.param.shape)})"
+                )
+        extra = set(masks.keys()) - weight_keys
+        if extra:
+            raise ValueError(f"mask set has keys with no W_Q/W_K in the model: {sorted(extra)}")
+
+    @torch.no_grad()
+    def set_masks(
+        self, masks: MaskSet, optimizer: torch.optim.Optimizer | None = None
+    ) -> dict[str, int]:
+        """Install a (refreshed) mask set; returns counts of rows entering/leaving it
+        (W_Q/W_K weights, global rows). With ``reentry="reset"`` the param-shaped
+        optimizer state of entering rows is zeroed: the optimizer is then required
+        whenever rows enter (it may be None for the first mask)."""
+        self._validate(masks)
+        old, entering_total, leaving_total = self.masks, 0, 0
+        for t in self.targets:
+            new_local = masks[t.ref.key][t.start : t.stop]  # (n_local,) bool, CPU
+            if old is not None:
+                prev = old[t.ref.key]
+                if t.ref.kind == "weight":
+                    entering_total += int((masks[t.ref.key] & ~prev).sum())
+                    leaving_total += int((prev & ~masks[t.ref.key]).sum())
+                entering = (new_local & ~prev[t.start : t.stop]).nonzero().squeeze(1)
+                if self.reentry == "reset" and optimizer is None and entering.numel():
+                    raise ValueError(
+                        "rows enter the mask: pass the optimizer to set_masks so their "
+                        "moments are reset (or use reentry='keep')"
+                    )
+                if self.reentry == "reset" and optimizer is not None and entering.numel():
+                    idx = entering.to(t.param.device)
+                    for v in _state_tensors(optimizer, t.param).values():
+                        local_tensor(v).index_fill_(0, idx, 0)
+            t.frozen = (~new_local).nonzero().squeeze(1).to(t.param.device)
+        self.masks = masks
+        return {"rows_entering": entering_total, "rows_leaving": leaving_total}
+
+    def frozen_fraction(self) -> float:
+        """Share of W_Q/W_K rows (weights only, global) kept fixed."""
+        assert self.masks is not None
+        return 1.0 - float(self.masks.kept_fraction())
+
+    # ---- gradients and steps ---------------------------------------------------------
+    @torch.no_grad()
+    def mask_grads(self) -> None:
+        """Zero the frozen rows of W_Q/W_K grads (and q/k bias entries). Before clipping."""
+        for t in self.targets:
+            if t.frozen.numel() and t.param.grad is not None:
+                local_tensor(t.param.grad).index_fill_(0, t.frozen, 0)
+
+    @contextmanager
+    def protect(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
+        """Frozen rows of params and their optimizer state come out of the block unchanged."""
+        saved = []
+        with torch.no_grad():
+            for t in self.targets:
+                if not t.frozen.numel():
+                    continue
+                p_local = local_tensor(t.param)
+                state = {
+                    k: local_tensor(v).index_select(0, t.frozen)
+                    for k, v in _state_tensors(optimizer, t.param).items()
+                }
+                saved.append((t, p_local.index_select(0, t.frozen), state))
+        try:
+            yield
+        finally:
+            self._restore(optimizer, saved)
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore(optimizer: torch.optim.Optimizer, saved: list) -> None:
+        for t, rows, state in saved:
+            local_tensor(t.param).index_copy_(0, t.frozen, rows)
+            for k, v in _state_tensors(optimizer, t.param).items():
+                if k in state:
+                    local_tensor(v).index_copy_(0, t.frozen, state[k])
+                else:  # created by this step: frozen rows keep the initial zeros
+                    local_tensor(v).index_fill_(0, t.frozen, 0)
+
+    def step(self, optimizer: torch.optim.Optimizer, closure: Callable | None = None) -> Any:
+        """``optimizer.step()`` with the frozen rows protected."""
+        with self.protect(optimizer):
+            return optimizer.step() if closure is None else optimizer.step(closure)

@@ -1,0 +1,298 @@
+"""Per-channel magnitude statistics of query/key activations (pure math, no hooks).
+
+For every (layer, projection) key, :class:`ChannelStats` keeps, per output channel ``c`` of
+q_proj / k_proj (the last dim of an activation of shape (..., C)):
+
+* ``count``   - number of tokens seen (float64 scalar; "effective" count after an EMA),
+* ``sum_abs`` - sum over tokens of ``|x[t, c]|``       (C,) float64,
+* ``sum_sq``  - sum over tokens of ``x[t, c] ** 2``     (C,) float64,
+* ``max_abs`` - max over tokens of ``|x[t, c]|``        (C,) float64.
+
+Sums are token-weighted, so merging micro-batches, data-parallel ranks (including
+sequence-parallel shards of one sequence) or steps is an exact addition (max for
+``max_abs``): the merge of two statistics equals the statistics of the concatenated tokens.
+
+Scores: ``mean_abs = sum_abs / count`` (the paper's magnitude, AWQ's choice),
+``rms = sqrt(sum_sq / count)``, ``max_abs``. A key with ``count == 0`` scores 0.
+
+EMA across mask refreshes (:func:`ema`): the paper gives no formula, this is ours. With
+``decay`` in [0, 1), per key and channel, on per-channel *means*::
+
+    mean_abs = decay * prev.mean_abs + (1 - decay) * new.mean_abs
+    mean_sq  = decay * prev.mean_sq  + (1 - decay) * new.mean_sq
+    max_abs  = decay * prev.max_abs  + (1 - decay) * new.max_abs
+    count    = decay * prev.count    + (1 - decay) * new.count   (effective tokens)
+
+i.e. each refresh window weighs the same whatever its token count; sums are stored as
+``mean * count`` so the result is again a ChannelStats. A side with no tokens (missing key
+or count 0) contributes nothing: the other side is returned unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from longact.core.adapters import Key, key_str, parse_key
+
+FIELDS = ("count", "sum_abs", "sum_sq", "max_abs")
+_CHUNK_ELEMS = 1 << 22  # float64 working set per chunk: 32 MiB
+
+
+@dataclass
+class ChannelStats:
+    """Statistics of one (layer, proj): count () and sum_abs/sum_sq/max_abs (C,), float64."""
+
+    count: torch.Tensor
+    sum_abs: torch.Tensor
+    sum_sq: torch.Tensor
+    max_abs: torch.Tensor
+
+    @classmethod
+    def zeros(cls, n_channels: int, device: torch.device | str | None = None) -> ChannelStats:
+        z = torch.zeros(n_channels, dtype=torch.float64, device=device)
+        return cls(torch.zeros((), dtype=torch.float64, device=device), z, z.clone(), z.clone())
+
+    @classmethod
+    def of(cls, x: torch.Tensor) -> ChannelStats:
+        """Statistics of the tokens of x (..., C)."""
+        out = cls.zeros(x.shape[-1], x.device)
+        out.update_(x)
+        return out
+
+    @property
+    def n_channels(self) -> int:
+        return self.sum_abs.shape[0]
+
+    @torch.no_grad()
+    def update_(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> ChannelStats:
+        """Add the tokens of x (..., C) in place, only those where ``mask`` (...) is True.
+
+        float64 accumulation, chunked over tokens. Masked-out tokens are replaced by zeros
+        (``torch.where``, so even NaN/inf padding is dropped) rather than gathered: no
+        device sync, and as all terms are >= 0 the zeros change no sum and no max."""
+        x = x.detach().reshape(-1, x.shape[-1])  # (N, C)
+        if x.shape[1] != self.n_channels:
+            raise ValueError(f"activation has {x.shape[1]} channels, stats {self.n_channels}")
+        keep = None
+        if mask is not None:
+            keep = mask.detach().reshape(-1).to(device=x.device, dtype=torch.bool)  # (N,)
+            if keep.shape[0] != x.shape[0]:
+                raise ValueError(f"mask has {keep.shape[0]} tokens, activation {x.shape[0]}")
+        step = max(1, _CHUNK_ELEMS // max(1, x.shape[1]))
+        for start in range(0, x.shape[0], step):
+            a = x[start : start + step].to(torch.float64).abs_()  # (n, C)
+            if keep is not None:
+                a = torch.where(keep[start : start + step, None], a, 0.0)  # NaN-safe
+            self.sum_abs += a.sum(0)
+            self.sum_sq += a.square().sum(0)
+            torch.maximum(self.max_abs, a.amax(0), out=self.max_abs)
+        self.count += x.shape[0] if keep is None else keep.sum()
+        return self
+
+    def merge(self, other: ChannelStats) -> ChannelStats:
+        """Exact statistics of the union of both token sets."""
+        if other.n_channels != self.n_channels:
+            raise ValueError(f"cannot merge {self.n_channels} with {other.n_channels} channels")
+        o = other.to(self.sum_abs.device)
+        return ChannelStats(
+            self.count + o.count,
+            self.sum_abs + o.sum_abs,
+            self.sum_sq + o.sum_sq,
+            torch.maximum(self.max_abs, o.max_abs),
+        )
+
+    def to(self, device: torch.device | str) -> ChannelStats:
+        return ChannelStats(*(getattr(self, f).to(device) for f in FIELDS))
+
+    def clone(self) -> ChannelStats:
+        return ChannelStats(*(getattr(self, f).clone() for f in FIELDS))
+
+    # ---- scores (C,) float64 -------------------------------------------------------
+    def _per_token(self, total: torch.Tensor) -> torch.Tensor:
+        return total / self.count if float(self.count) > 0 else torch.zeros_like(total)
+
+    def mean_abs(self) -> torch.Tensor:
+        return self._per_token(self.sum_abs)
+
+    def mean_sq(self) -> torch.Tensor:
+        return self._per_token(self.sum_sq)
+
+    def rms(self) -> torch.Tensor:
+        return self.mean_sq().sqrt()
+
+
+class QKStats:
+    """ChannelStats for every (layer, "q"|"k") key. Immutable merges; in-place updates."""
+
+    def __init__(self, entries: Mapping[Key, ChannelStats] | None = None):
+        self.entries: dict[Key, ChannelStats] = dict(entries or {})
+
+    @classmethod
+    def empty(cls, row_counts: Mapping[Key, int], device: Any = None) -> QKStats:
+        """Zero statistics for every key, e.g. ``QKStats.empty(layout.row_counts())``."""
+        return cls({k: ChannelStats.zeros(n, device) for k, n in row_counts.items()})
+
+    def keys(self) -> list[Key]:
+        return sorted(self.entries)
+
+    def __getitem__(self, key: Key) -> ChannelStats:
+        return self.entries[key]
+
+    def __iter__(self) -> Iterator[Key]:
+        return iter(self.keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def update(self, key: Key, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Add the tokens of x (..., C) [where mask (...) is True] to ``key``
+        (created on x's device if new)."""
+        if key not in self.entries:
+            self.entries[key] = ChannelStats.zeros(x.shape[-1], x.device)
+        elif self.entries[key].sum_abs.device != x.device:  # e.g. CPU-offloaded params
+            self.entries[key] = self.entries[key].to(x.device)
+        self.entries[key].update_(x, mask)
+
+    def token_count(self, key: Key) -> float:
+        return float(self.entries[key].count) if key in self.entries else 0.0
+
+    # ---- scores ----------------------------------------------------------------------
+    def mean_abs(self, key: Key) -> torch.Tensor:
+        return self.entries[key].mean_abs()
+
+    def rms(self, key: Key) -> torch.Tensor:
+        return self.entries[key].rms()
+
+    def max_abs(self, key: Key) -> torch.Tensor:
+        return self.entries[key].max_abs
+
+    # ---- merging ---------------------------------------------------------------------
+    def merge(self, other: QKStats) -> QKStats:
+        """Exact token-weighted merge; keys present on one side only are copied."""
+        out = {k: v.clone() for k, v in self.entries.items()}
+        for k, v in other.entries.items():
+            out[k] = out[k].merge(v) if k in out else v.clone()
+        return QKStats(out)
+
+    __add__ = merge
+
+    def to(self, device: Any) -> QKStats:
+        return QKStats({k: v.to(device) for k, v in self.entries.items()})
+
+    # ---- serialization -----------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Plain CPU tensors: {"format": 1, "entries": {"3.q": {"count": ..., ...}}}."""
+        return {
+            "format": 1,
+            "entries": {
+                key_str(k): {f: getattr(v, f).detach().cpu().clone() for f in FIELDS}
+                for k, v in sorted(self.entries.items())
+            },
+        }
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, Any]) -> QKStats:
+        if sd.get("format") != 1:
+            raise ValueError(f"unknown QKStats format {sd.get('format')!r}")
+        entries = {}
+        for k, v in sd["entries"].items():
+            fields = [torch.as_tensor(v[f], dtype=torch.float64) for f in FIELDS]
+            entries[parse_key(k)] = ChannelStats(*fields)
+        return cls(entries)
+
+    def layout(self) -> list[tuple[Key, int]]:
+        """(key, n_channels) in the fixed order used by the flat form."""
+        return [(k, self.entries[k].n_channels) for k in self.keys()]
+
+    def to_flat(self, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sums, maxes): sums = [count, sum_abs, sum_sq] per key, to all-reduce with SUM;
+        maxes = max_abs per key, to all-reduce with MAX. Both float64 1-D, on ``device``
+        (default: that of the first key)."""
+        keys = self.keys()
+        if device is not None or len({self.entries[k].sum_abs.device for k in keys}) > 1:
+            device = device or self.entries[keys[0]].sum_abs.device
+            return self.to(device).to_flat()
+        sums = [
+            t
+            for k in keys
+            for t in (
+                self.entries[k].count.reshape(1),
+                self.entries[k].sum_abs,
+                self.entries[k].sum_sq,
+            )
+        ]
+        maxes = [self.entries[k].max_abs for k in keys]
+        return torch.cat(sums), torch.cat(maxes)
+
+    @classmethod
+    def from_flat(
+        cls, layout: Iterable[tuple[Key, int]], sums: torch.Tensor, maxes: torch.Tensor
+    ) -> QKStats:
+        entries, i, j = {}, 0, 0
+        for key, c in layout:
+            count = sums[i].clone()
+            sum_abs = sums[i + 1 : i + 1 + c].clone()
+            sum_sq = sums[i + 1 + c : i + 1 + 2 * c].clone()
+            entries[key] = ChannelStats(count, sum_abs, sum_sq, maxes[j : j + c].clone())
+            i, j = i + 1 + 2 * c, j + c
+        if i != sums.numel() or j != maxes.numel():
+            raise ValueError("flat statistics do not match the layout")
+        return cls(entries)
+
+    def all_reduce(self, group: Any = None, device: Any = None) -> QKStats:
+        """Exact merge over a process group (two collectives). Every rank must hold the
+        same keys and channel counts (create them with :meth:`empty`). ``device``: where
+        the collectives run (a CUDA device for NCCL)."""
+        import torch.distributed as dist
+
+        sums, maxes = self.to_flat(device)
+        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+        return QKStats.from_flat(self.layout(), sums, maxes)
+
+
+def merge(*stats: QKStats) -> QKStats:
+    """Exact merge of any number of statistics."""
+    out = QKStats()
+    for s in stats:
+        out = out.merge(s)
+    return out
+
+
+@torch.no_grad()
+def ema_channel(prev: ChannelStats, new: ChannelStats, decay: float) -> ChannelStats:
+    """EMA on per-channel means (see module docstring)."""
+    if float(prev.count) <= 0:
+        return new.clone()
+    if float(new.count) <= 0:
+        return prev.clone()
+    new = new.to(prev.sum_abs.device)
+    a, b = decay, 1.0 - decay
+    count = a * prev.count + b * new.count
+    mean_abs = a * prev.mean_abs() + b * new.mean_abs()
+    mean_sq = a * prev.mean_sq() + b * new.mean_sq()
+    max_abs = a * prev.max_abs + b * new.max_abs
+    return ChannelStats(count, mean_abs * count, mean_sq * count, max_abs)
+
+
+def ema(prev: QKStats | None, new: QKStats, decay: float) -> QKStats:
+    """Blend statistics of a new refresh window into the running ones.
+
+    ``decay`` is the weight of the past, in [0, 1): 0 keeps only ``new``.
+    """
+    if not (0.0 <= decay < 1.0) or math.isnan(decay):
+        raise ValueError(f"ema decay must be in [0, 1), got {decay!r}")
+    if prev is None:
+        return QKStats({k: v.clone() for k, v in new.entries.items()})
+    out = {k: v.clone() for k, v in prev.entries.items()}
+    for k, v in new.entries.items():
+        out[k] = ema_channel(out[k], v, decay) if k in out else v.clone()
+    return QKStats(out)

@@ -1,0 +1,1 @@
+"""LongAct train."""

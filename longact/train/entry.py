@@ -1,0 +1,94 @@
+"""``longact-train``: verl's PPO trainer with LongAct, as a Hydra app.
+
+The config is one recipe from ``recipes/``, built on ``hydra_configs/longact_trainer.yaml``
+(verl's own ``ppo_trainer``, found through Hydra's search path, plus LongAct's
+``longact:`` section):
+
+    longact-train recipe=dapo actor_rollout_ref.model.path=/models/Qwen3-8B longact.ratio=0.3
+
+``recipe=NAME`` picks ``recipes/NAME.yaml`` (default: grpo, or grpo_cpu on a host
+with no GPU); everything else is a plain Hydra override. The config is validated
+before Ray or any worker starts, then handed to verl's ``run_ppo``;
+``longact.enable=false`` is verl's plain RL.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from longact.train.config import ConfigError, available_recipes, prepare_config
+
+CONFIG_ENV = "LONGACT_CONFIG"
+
+
+SEARCH_PATH = "hydra.searchpath=[pkg://longact.hydra_configs,pkg://verl.trainer.config]"
+
+
+def default_recipe() -> str:
+    """grpo on a GPU host, grpo_cpu where no CUDA device is visible."""
+    import torch
+
+    return "grpo" if torch.cuda.is_available() else "grpo_cpu"
+
+
+def hydra_argv(argv: list[str]) -> list[str]:
+    """Turn ``recipe=NAME ...`` into Hydra's arguments.
+
+    Each recipe is a primary config in ``longact.recipes`` (built on the base
+    ``longact_trainer``), so the recipe picks ``--config-name``; verl's and LongAct's
+    config folders join Hydra's search path.
+    """
+    recipe, rest = None, []
+    for arg in argv:
+        if arg.startswith("recipe="):
+            recipe = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    known = available_recipes()
+    if recipe is None:
+        recipe = default_recipe()
+    if recipe not in known:
+        raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(known)}")
+    return ["--config-name", recipe, SEARCH_PATH, *rest]
+
+
+def run(config: DictConfig) -> None:
+    """Validate, then run verl's trainer (the v1 trainer unless trainer.use_v1=false)."""
+    from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    config = prepare_config(config)
+    os.environ[CONFIG_ENV] = OmegaConf.to_yaml(config.longact)
+    validate_config(
+        config=config,
+        use_reference_policy=need_reference_policy(config),
+        use_critic=need_critic(config),
+    )
+    run_ppo(config, task_runner_class=TaskRunnerV1)
+
+
+@hydra.main(config_path="pkg://longact.recipes", config_name="grpo", version_base=None)
+def _hydra_main(config: DictConfig) -> None:
+    run(config)
+
+
+def main() -> None:
+    try:
+        sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:])]
+    except ConfigError as e:
+        print(f"longact-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        _hydra_main()
+    except ConfigError as e:  # raised before any worker starts
+        print(f"longact-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

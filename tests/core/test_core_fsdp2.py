@@ -1,0 +1,77 @@
+"""FSDP2 (fully_shard, 2 gloo processes on CPU): sharded == unsharded, frozen rows exact."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import fsdp2_worker  # found through conftest's sys.path entry
+import pytest
+import torch
+import torch.distributed as dist
+from longact_tiny import tiny_model
+
+from longact.core import get_adapter
+
+HERE = Path(__file__).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_fsdp2_two_ranks_match_unsharded(tmp_path):
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent.parent), env.get("PYTHONPATH", "")])
+    env["OMP_NUM_THREADS"] = "1"
+    if sys.platform.startswith("linux"):
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only, whatever the hostname
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(HERE / "fsdp2_worker.py"), str(tmp_path)],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for r in range(2)
+    ]
+    logs = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        logs.append(out.decode(errors="replace")[-4000:])
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(logs)
+
+    got = torch.load(tmp_path / "sharded.pt")
+    ref = fsdp2_worker.train(sharded=False)
+    init = dict(tiny_model("qwen3", seed=0).named_parameters())
+    model = tiny_model("qwen3", seed=0)
+    ad = get_adapter(model)
+    first, second = fsdp2_worker.masks_for(ad.layout(model))
+    assert got["weights"].keys() == ref.keys()
+    for name, value in ref.items():
+        torch.testing.assert_close(got["weights"][name], value, atol=1e-6, rtol=0)
+        ref_p = ad.match_param(name)
+        if ref_p is not None:
+            frozen = ~first[ref_p.key] & ~second[ref_p.key]  # frozen in every step
+            assert frozen.any()
+            assert torch.equal(got["weights"][name][frozen], init[name].detach()[frozen])
+            assert torch.equal(value[frozen], init[name].detach()[frozen])
+    ref_uneven = fsdp2_worker.train_uneven(sharded=False)
+    torch.manual_seed(0)
+    init_uneven = dict(fsdp2_worker._Uneven().named_parameters())
+    for name, value in ref_uneven.items():
+        torch.testing.assert_close(got["uneven"][name], value, atol=1e-6, rtol=0)
+    q = got["uneven"]["layers.0.self_attn.q_proj.weight"]
+    q0 = init_uneven["layers.0.self_attn.q_proj.weight"].detach()
+    assert torch.equal(q[[1, 2, 4]], q0[[1, 2, 4]]) and not torch.equal(q[[0, 3]], q0[[0, 3]])
+    k = got["uneven"]["layers.0.self_attn.k_proj.weight"]
+    assert torch.equal(k, init_uneven["layers.0.self_attn.k_proj.weight"].detach())

@@ -1,0 +1,122 @@
+"""QKStats: hand-computed statistics, exact merges, serialization, EMA."""
+
+import math
+
+import pytest
+import torch
+
+import longact.core.stats as stats_mod
+from longact.core.stats import ChannelStats, QKStats, ema, merge
+
+X = torch.tensor([[1.0, -2.0], [3.0, 4.0], [-5.0, 0.0]])  # 3 tokens x 2 channels
+
+
+def _close(a, b):
+    torch.testing.assert_close(
+        torch.as_tensor(a, dtype=torch.float64),
+        torch.as_tensor(b, dtype=torch.float64),
+        rtol=1e-12,
+        atol=1e-12,
+    )
+
+
+def test_channel_stats_by_hand():
+    s = ChannelStats.of(X)
+    _close(s.count, 3)
+    _close(s.sum_abs, [9, 6])
+    _close(s.sum_sq, [35, 20])
+    _close(s.max_abs, [5, 4])
+    _close(s.mean_abs(), [3, 2])
+    _close(s.rms(), [math.sqrt(35 / 3), math.sqrt(20 / 3)])
+    assert s.sum_abs.dtype == torch.float64
+    empty = ChannelStats.zeros(2)
+    _close(empty.mean_abs(), [0, 0])
+    _close(empty.rms(), [0, 0])
+
+
+def test_update_accepts_leading_dims_and_chunks(monkeypatch):
+    x = torch.randn(2, 37, 5)
+    ref = ChannelStats.of(x.reshape(-1, 5).double())
+    monkeypatch.setattr(stats_mod, "_CHUNK_ELEMS", 7)  # force many chunks
+    s = ChannelStats.of(x)
+    for f in ("count", "sum_abs", "sum_sq", "max_abs"):
+        _close(getattr(s, f), getattr(ref, f))
+    with pytest.raises(ValueError, match="channels"):
+        s.update_(torch.zeros(3, 4))
+
+
+def test_token_mask_drops_rows_even_nan():
+    x = torch.cat([X, torch.tensor([[float("nan"), float("inf")]])])  # (4, 2), last is padding
+    s = ChannelStats.zeros(2)
+    s.update_(x.reshape(2, 2, 2), mask=torch.tensor([[True, True], [True, False]]))
+    ref = ChannelStats.of(X)
+    for f in ("count", "sum_abs", "sum_sq", "max_abs"):
+        _close(getattr(s, f), getattr(ref, f))
+    with pytest.raises(ValueError, match="mask has 2 tokens, activation 3"):
+        s.update_(X, mask=torch.ones(2, dtype=torch.bool))
+
+
+def test_merge_is_exact_and_keys_union():
+    a = QKStats()
+    a.update((0, "q"), X[:2])
+    b = QKStats()
+    b.update((0, "q"), X[2:])
+    b.update((1, "k"), X)
+    m = a + b
+    assert m.keys() == [(0, "q"), (1, "k")]
+    full = ChannelStats.of(X)
+    for key in m:
+        for f in ("count", "sum_abs", "sum_sq", "max_abs"):
+            _close(getattr(m[key], f), getattr(full, f))
+    m3 = merge(a, b, b)
+    _close(m3[(0, "q")].count, 2 + 1 + 1)
+    _close(m3[(1, "k")].sum_abs, [18, 12])
+    _close(a[(0, "q")].count, 2)  # merge does not mutate
+    _close(m.mean_abs((0, "q")), [3, 2])
+    _close(m.max_abs((1, "k")), [5, 4])
+    assert m.token_count((0, "q")) == 3.0 and m.token_count((5, "q")) == 0.0
+
+
+def test_state_dict_and_flat_roundtrip():
+    s = QKStats.empty({(0, "q"): 2, (0, "k"): 3})
+    s.update((0, "q"), X)
+    s.update((0, "k"), torch.arange(6.0).reshape(2, 3))
+    sd = s.state_dict()
+    assert set(sd["entries"]) == {"0.q", "0.k"}
+    assert all(isinstance(v, torch.Tensor) for e in sd["entries"].values() for v in e.values())
+    back = QKStats.from_state_dict(sd)
+    sums, maxes = s.to_flat()
+    assert sums.numel() == (1 + 2 * 2) + (1 + 2 * 3)  # [count, sum_abs, sum_sq] per key
+    assert maxes.numel() == 2 + 3
+    flat = QKStats.from_flat(s.layout(), sums, maxes)
+    for other in (back, flat):
+        for key in s:
+            for f in ("count", "sum_abs", "sum_sq", "max_abs"):
+                assert torch.equal(getattr(other[key], f), getattr(s[key], f))
+    with pytest.raises(ValueError, match="layout"):
+        QKStats.from_flat(s.layout(), sums[:-1], maxes)
+    with pytest.raises(ValueError, match="format"):
+        QKStats.from_state_dict({"format": 9})
+
+
+def test_ema_on_means_by_hand():
+    prev = QKStats()
+    prev.update((0, "q"), X)  # mean_abs [3, 2], mean_sq [35/3, 20/3], max [5, 4], n=3
+    new = QKStats()
+    new.update((0, "q"), torch.tensor([[2.0, -2.0]]))  # mean_abs [2, 2], mean_sq [4, 4], n=1
+    new.update((1, "k"), X)
+    out = ema(prev, new, decay=0.75)
+    e = out[(0, "q")]
+    _close(e.count, 0.75 * 3 + 0.25 * 1)
+    _close(e.mean_abs(), [0.75 * 3 + 0.25 * 2, 0.75 * 2 + 0.25 * 2])
+    _close(e.mean_sq(), [0.75 * 35 / 3 + 0.25 * 4, 0.75 * 20 / 3 + 0.25 * 4])
+    _close(e.max_abs, [0.75 * 5 + 0.25 * 2, 0.75 * 4 + 0.25 * 2])
+    _close(out[(1, "k")].sum_abs, [9, 6])  # only in new: copied
+    # decay 0 keeps only the new window; no previous -> new; empty new window -> prev.
+    _close(ema(prev, new, 0.0)[(0, "q")].mean_abs(), [2, 2])
+    _close(ema(None, new, 0.5)[(0, "q")].mean_abs(), [2, 2])
+    empty = QKStats.empty({(0, "q"): 2})
+    _close(ema(prev, empty, 0.5)[(0, "q")].mean_abs(), [3, 2])
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            ema(prev, new, bad)
