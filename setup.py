@@ -36,10 +36,12 @@ setup(
     packages=[
         "longact",
         "longact.core",
+        "longact.distributed",
         "longact.data",
         "longact.models",
         "longact.train",
         "longact.eval",
+        "longact.rewards",
         "longact.cli",
         "longact.workers",
         "longact.recipes",

@@ -1,10 +1,18 @@
-"""verl's FSDP/FSDP2 language-model engine, registered for the ``cpu`` platform.
+"""verl's FSDP/FSDP2 language-model engine with LongAct's training hook.
 
-The stock ``FSDPEngineWithLMHead`` is registered for cuda and npu only. On the CPU it
-works as it is with one exception: a forward-only engine (the reference policy) is
-wrapped with ``CPUOffloadPolicy(pin_memory=True)``, and pinning needs an accelerator.
-The subclass below builds the module with the offload policy's ``pin_memory`` off
-when the platform is the CPU, and changes nothing else.
+``LongActFSDPEngine`` subclasses verl's ``FSDPEngineWithLMHead`` and is registered in
+verl's ``EngineRegistry`` for the ``cpu`` device and for ``(cuda, nvidia)`` (verl tries
+the (device, vendor) key before its own ``cuda`` entry), so verl's training loop is
+used unchanged. It adds:
+
+- LongAct (when the launcher exported an enabled ``longact:`` section, see
+  ``longact.train.runtime``): statistics from training forwards, mask refreshes through
+  the saliency coordinator, gradient masking before clipping and exact frozen rows
+  through the optimizer step, coordinator state in checkpoints. Forward-only engines
+  (the reference policy) are left alone. Without the section it is verl's engine.
+- CPU: a forward-only engine (the reference policy) is wrapped with
+  ``CPUOffloadPolicy(pin_memory=True)``, and pinning needs an accelerator, so on the
+  ``cpu`` device the policy is built with ``pin_memory`` off.
 """
 
 from __future__ import annotations
@@ -38,28 +46,64 @@ def engine_class():
     from verl.utils.device import get_device_name
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-    class CPUFriendlyFSDPEngine(FSDPEngineWithLMHead):
+    from longact.train.runtime import LongActRuntime, config_from_env
+
+    class LongActFSDPEngine(FSDPEngineWithLMHead):
+        longact: LongActRuntime | None = None
+
         def _build_fsdp_module(self, module):
             if get_device_name() != "cpu":
                 return super()._build_fsdp_module(module)
             with _unpinned_offload_policy():
                 return super()._build_fsdp_module(module)
 
-    return CPUFriendlyFSDPEngine
+        def initialize(self):
+            super().initialize()
+            cfg = config_from_env()
+            if cfg is not None and not self.engine_config.forward_only:
+                self.longact = LongActRuntime(self.module, self.optimizer, cfg)
+
+        def optimizer_step(self):
+            if self.longact is None:
+                return super().optimizer_step()
+            self.longact.before_step()  # refresh if due; zero frozen rows' grads
+            with self.longact.protect():  # frozen rows bit-identical through the step
+                return super().optimizer_step()
+
+        def train_batch(self, data, loss_function):
+            outputs = super().train_batch(data, loss_function)
+            if self.longact is not None and self.is_mp_src_rank_with_outputs():
+                # per-micro-batch lists, like the metrics verl gathers across ranks
+                outputs["metrics"].update({k: [v] for k, v in self.longact.pop_metrics().items()})
+            return outputs
+
+        def save_checkpoint(self, local_path, *args, **kwargs):
+            super().save_checkpoint(local_path, *args, **kwargs)
+            if self.longact is not None:
+                self.longact.save(local_path)
+
+        def load_checkpoint(self, local_path, *args, **kwargs):
+            super().load_checkpoint(local_path, *args, **kwargs)
+            if self.longact is not None:
+                self.longact.load(local_path)
+
+    return LongActFSDPEngine
 
 
 def register() -> None:
-    """Register the engine for language models on the ``cpu`` device (idempotent)."""
+    """Register the engine for language models on cpu and (cuda, nvidia) (idempotent)."""
     global _REGISTERED
     if _REGISTERED:
         return
     from verl.workers.engine.base import EngineRegistry
 
-    registry = EngineRegistry._engines.get("language_model", {})
-    if "cpu" in registry.get("fsdp2", {}):
-        _REGISTERED = True
-        return
-    EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu")(
-        engine_class()
-    )
+    registry = EngineRegistry._engines.get("language_model", {}).get("fsdp2", {})
+    if "cpu" not in registry:
+        cls = engine_class()
+        EngineRegistry.register(
+            model_type="language_model", backend=["fsdp", "fsdp2"], device="cpu"
+        )(cls)
+        EngineRegistry.register(
+            model_type="language_model", backend=["fsdp", "fsdp2"], device="cuda", vendor="nvidia"
+        )(cls)
     _REGISTERED = True

@@ -29,8 +29,13 @@ def register(sub) -> None:
     m.add_argument("--out", required=True, help="output .parquet file")
     m.add_argument("--sft", action="store_true", help="write a `messages` column for SFT")
     m.add_argument("--value-digits", type=int, default=None, help="digits of numeric values")
-    m.add_argument("--opt", action="append", default=[], metavar="KEY=VALUE",
-                   help="task option (repeatable), e.g. --opt num_keys=6")  # fmt: skip
+    m.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task option (repeatable), e.g. --opt num_keys=6",
+    )
     m.set_defaults(func=run_make)
 
     ls = dsub.add_parser("list", help="list the tasks and their options")

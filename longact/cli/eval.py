@@ -25,8 +25,12 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     p.add_argument("--batch-size", type=int, default=8, help="generation batch (default 8)")
     p.add_argument("--max-new-tokens", type=int, default=32, help="default 32")
-    p.add_argument("--backend", default="auto", choices=["auto", "hf", "vllm"],
-                   help="auto: vLLM when it imports and CUDA is present, else HF")  # fmt: skip
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "hf", "vllm"],
+        help="auto: vLLM when it imports and CUDA is present, else HF",
+    )
     p.add_argument("--longbench", default=None, help="also evaluate this LongBench v2 file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)

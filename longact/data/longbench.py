@@ -119,9 +119,9 @@ def truncate_middle(text: str, tokenizer, max_tokens: int) -> str:
 
 def make_rows(records: list[dict], tokenizer, length: int) -> list[dict]:
     """verl RL rows whose prompts are at most ``length`` tokens (middle of contexts cut)."""
-    from longact.data.fit import Fitter
+    from longact.data.tasks import fitter_for
 
-    fitter = Fitter(tokenizer)
+    fitter = fitter_for(tokenizer)
     rows = []
     for i, rec in enumerate(validate(records)):
         overhead = fitter.count(build_prompt(rec, ""))

@@ -94,24 +94,23 @@ def _niah(
 def niah_single(fitter, rng, length, index, n, **opts) -> Sample:
     """One needle; asked for its value."""
     o = check_opts("niah_single", opts)
-    return _niah("niah_single", fitter, rng, length, index, n, num_keys=1, num_values=1,
-                 num_queries=1, **o)  # fmt: skip
+    return _niah(
+        "niah_single", fitter, rng, length, index, n, num_keys=1, num_values=1, num_queries=1, **o
+    )
 
 
 @TASKS.register("niah_multikey")
 def niah_multikey(fitter, rng, length, index, n, **opts) -> Sample:
     """One queried needle among ``num_keys - 1`` distractor needles with other keys."""
     o = check_opts("niah_multikey", opts)
-    return _niah("niah_multikey", fitter, rng, length, index, n, num_values=1, num_queries=1,
-                 **o)  # fmt: skip
+    return _niah("niah_multikey", fitter, rng, length, index, n, num_values=1, num_queries=1, **o)
 
 
 @TASKS.register("niah_multivalue")
 def niah_multivalue(fitter, rng, length, index, n, **opts) -> Sample:
     """One key with ``num_values`` needles; all values are asked for."""
     o = check_opts("niah_multivalue", opts)
-    return _niah("niah_multivalue", fitter, rng, length, index, n, num_keys=1, num_queries=1,
-                 **o)  # fmt: skip
+    return _niah("niah_multivalue", fitter, rng, length, index, n, num_keys=1, num_queries=1, **o)
 
 
 @TASKS.register("niah_multiquery")
@@ -119,5 +118,15 @@ def niah_multiquery(fitter, rng, length, index, n, **opts) -> Sample:
     """``num_queries`` needles with different keys; all are asked for."""
     o = check_opts("niah_multiquery", opts)
     q = o.pop("num_queries")
-    return _niah("niah_multiquery", fitter, rng, length, index, n, num_keys=q, num_values=1,
-                 num_queries=q, **o)  # fmt: skip
+    return _niah(
+        "niah_multiquery",
+        fitter,
+        rng,
+        length,
+        index,
+        n,
+        num_keys=q,
+        num_values=1,
+        num_queries=q,
+        **o,
+    )

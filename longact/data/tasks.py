@@ -90,18 +90,23 @@ def _rng(task: str, seed: int, length: int, index: int) -> random.Random:
 
 
 def _minimum(fn, fitter: Fitter, task: str, length: int, n: int, seed: int, opts: dict) -> int:
-    """The length every one of the ``n`` samples fits in (the largest minimum)."""
-    worst = 0
+    """The smallest length at which all ``n`` samples fit. Samples depend on the length
+    (it seeds them), so search upward from the largest minimum at ``length``."""
     fitter.probe = True
     try:
-        for i in range(n):
-            try:
-                fn(fitter, _rng(task, seed, length, i), int(length), i, int(n), **opts)
-            except TaskLengthError as e:
-                worst = max(worst, e.minimum)
+        for _ in range(20):
+            worst = 0
+            for i in range(n):
+                try:
+                    fn(fitter, _rng(task, seed, length, i), int(length), i, int(n), **opts)
+                except TaskLengthError as e:
+                    worst = max(worst, e.minimum)
+            if worst <= length:
+                return length
+            length = worst
     finally:
         fitter.probe = False
-    return worst
+    return length
 
 
 def to_sft_rows(rows: list[dict]) -> list[dict]:

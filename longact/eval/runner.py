@@ -95,18 +95,22 @@ class HFGenerator:
 
 
 class VLLMGenerator:
-    """Greedy decoding with vLLM (GPU only; not exercised by the CPU tests)."""
+    """Greedy decoding with vLLM (GPU only; not exercised by the CPU tests). Prompts go in
+    as token ids, so vLLM adds no BOS of its own and lengths match the data."""
 
     name = "vllm"
 
     def __init__(self, model_dir: Path, tokenizer, max_new_tokens: int, max_len: int):
         from vllm import LLM, SamplingParams
 
+        self.tok = tokenizer
         self.llm = LLM(model=str(model_dir), max_model_len=max_len + max_new_tokens)
         self.params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
 
     def __call__(self, prompts: list[str]) -> list[str]:
-        return [o.outputs[0].text for o in self.llm.generate(prompts, self.params, use_tqdm=False)]
+        ids = self.tok(prompts, add_special_tokens=False)["input_ids"]
+        inputs = [{"prompt_token_ids": x} for x in ids]
+        return [o.outputs[0].text for o in self.llm.generate(inputs, self.params, use_tqdm=False)]
 
 
 def pick_backend(backend: str) -> str:
@@ -174,11 +178,19 @@ def evaluate(
             gt = row["reward_model"]["ground_truth"]
             s = compute_score(row["data_source"], resp, gt, row["extra_info"])
             info = row["extra_info"]
-            samples.append({
-                "task": task, "length": length, "index": info["index"], "depth": info["depth"],
-                "num_tokens": info["num_tokens"], "score": s["score"], "recall": s["recall"],
-                "response": resp, "ground_truth": list(gt),
-            })  # fmt: skip
+            samples.append(
+                {
+                    "task": task,
+                    "length": length,
+                    "index": info["index"],
+                    "depth": info["depth"],
+                    "num_tokens": info["num_tokens"],
+                    "score": s["score"],
+                    "recall": s["recall"],
+                    "response": resp,
+                    "ground_truth": list(gt),
+                }
+            )
     bar.close()
     results = {
         "model": str(model_path),

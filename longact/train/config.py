@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,8 @@ class LongActConfig:
     """Optional calibration pass (the paper's profile-first mode)."""
     seed: int = 0
     """Seed of the random policy."""
+    run_id: str = ""
+    """Names the run's saliency coordinator actor; generated when empty."""
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> LongActConfig:
@@ -172,4 +175,7 @@ def prepare_config(config: DictConfig) -> DictConfig:
     _check_model_dir(config.actor_rollout_ref.model.path, longact)
     with open_dict(config):
         config.longact = OmegaConf.structured(longact)
+        if not config.longact.get("run_id"):
+            # names this run's saliency coordinator (a Ray actor) on a shared cluster
+            config.longact.run_id = uuid.uuid4().hex[:12]
     return config

@@ -18,11 +18,11 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from longact.train.config import ConfigError, available_recipes, prepare_config
+from longact.train.runtime import CONFIG_ENV
 
-CONFIG_ENV = "LONGACT_CONFIG"
 
 
 SEARCH_PATH = "hydra.searchpath=[pkg://longact.hydra_configs,pkg://verl.trainer.config]"
@@ -63,7 +63,14 @@ def run(config: DictConfig) -> None:
     from verl.utils.config import validate_config
 
     config = prepare_config(config)
-    os.environ[CONFIG_ENV] = OmegaConf.to_yaml(config.longact)
+    # Every Ray worker reads LongAct's section from its environment (the engine has no
+    # access to the full config): the local cluster inherits the driver's environment,
+    # and an existing cluster gets it through the job's runtime_env.
+    longact_yaml = OmegaConf.to_yaml(config.longact)
+    os.environ[CONFIG_ENV] = longact_yaml
+    with open_dict(config):
+        env_vars = config.ray_kwargs.ray_init.runtime_env.setdefault("env_vars", {})
+        env_vars[CONFIG_ENV] = longact_yaml
     validate_config(
         config=config,
         use_reference_policy=need_reference_policy(config),

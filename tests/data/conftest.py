@@ -38,7 +38,7 @@ def sp_tok():
     rng = random.Random(0)
     words = vocab.all_words()
     lines = [" ".join(rng.choice(words) for _ in range(50)) for _ in range(200)]
-    lines.append(" ".join(list(".,?:()=<>/\"\n0123456789")))
+    lines.append(" ".join(list('.,?:()=<>/"\n0123456789')))
     specials = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials, show_progress=False)
     tok.train_from_iterator(lines, trainer=trainer)

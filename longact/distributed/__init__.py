@@ -1,0 +1,1 @@
+"""Distribution layer: the saliency coordinator (a Ray actor at run time)."""

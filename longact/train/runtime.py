@@ -1,0 +1,166 @@
+"""LongAct inside one training rank of verl's FSDP engine (plumbing).
+
+``LongActRuntime`` is created by the engine after its module and optimizer exist. It
+
+- keeps forward hooks on q_proj / k_proj (or q_norm / k_norm) of the training module:
+  statistics come from the forwards verl already runs for the policy update (grad on,
+  train mode); log-prob and reference passes (no_grad, eval) are not counted;
+- before each optimizer step, every ``refresh_interval`` steps, sends this rank's
+  statistics to the saliency coordinator and installs the masks it publishes (all ranks
+  block on the same refresh, so they switch together);
+- zeroes the frozen rows' gradients before clipping and keeps the frozen rows (and their
+  optimizer state) bit-identical through ``optimizer.step()``;
+- saves and restores the coordinator's state and its own step counter with verl's
+  checkpoints (``longact_state.pt`` in the actor checkpoint folder).
+
+Optimizer steps are counted here, so ``refresh_interval`` is in optimizer steps (verl
+runs one per PPO mini-batch). Without calibration, the first mask is chosen at optimizer
+step 1 from the statistics of step 1's own forwards, before that step is applied.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from longact.core.adapters import get_adapter
+from longact.core.capture import QKCapture
+from longact.core.masks import MaskSet
+from longact.core.sparse_update import RowMaskGuard
+
+CONFIG_ENV = "LONGACT_CONFIG"
+STATE_FILE = "longact_state.pt"
+
+
+def config_from_env() -> dict[str, Any] | None:
+    """The ``longact:`` section the launcher exported, or None when LongAct is off."""
+    raw = os.environ.get(CONFIG_ENV)
+    if not raw:
+        return None
+    cfg = yaml.safe_load(raw) or {}
+    return cfg if cfg.get("enable", False) else None
+
+
+class LongActRuntime:
+    """Statistics, mask refreshes and exact sparse steps for one rank."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: dict):
+        import torch.distributed as dist
+
+        self.cfg = cfg
+        self.module = module
+        self.optimizer = optimizer
+        self.adapter = get_adapter(module)
+        self.capture = QKCapture(module, self.adapter, point=cfg.get("capture_point", "proj"))
+        self.capture.attach()
+        self.layout = self.capture.layout
+        self.guard = RowMaskGuard(module, MaskSet.full(self.layout), self.adapter)
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.step = 0  # optimizer steps taken
+        self.last_refresh: int | None = None
+        self.version = 0
+        self._coordinator = None
+        self._pending_metrics: dict[str, float] = {}
+        self.timings = {"refresh_s": 0.0, "mask_s": 0.0}
+
+    # ---- coordinator --------------------------------------------------------------------
+    @property
+    def coordinator(self):
+        if self._coordinator is None:
+            from longact.distributed.coordinator import get_or_create
+
+            self._coordinator = get_or_create(
+                self.cfg["run_id"], self.cfg, self.layout, self.world_size
+            )
+        return self._coordinator
+
+    def _due(self, step: int) -> bool:
+        if self.last_refresh is None:
+            return True
+        return step - self.last_refresh >= int(self.cfg.get("refresh_interval", 1))
+
+    def _refresh(self, step: int) -> None:
+        import ray
+
+        t0 = time.perf_counter()
+        stats = self.capture.take()
+        payload = ray.get(self.coordinator.exchange.remote(self.rank, step, stats.state_dict()))
+        self._install(payload)
+        self.last_refresh = step
+        dt = time.perf_counter() - t0
+        self.timings["refresh_s"] += dt
+        self._pending_metrics.update(payload["metrics"])
+        self._pending_metrics["longact/rank_refresh_s"] = dt
+
+    def _install(self, payload: dict, reset_entering: bool = True) -> None:
+        masks = MaskSet.from_state_dict(payload["masks"])
+        self.guard.set_masks(masks, self.optimizer if reset_entering else None)
+        self.version = int(payload["version"])
+
+    # ---- hooks called by the engine -------------------------------------------------------
+    def before_step(self) -> None:
+        """After backward, before clipping: refresh if due, then mask the gradients."""
+        self.step += 1
+        if self._due(self.step):
+            self._refresh(self.step)
+        t0 = time.perf_counter()
+        self.guard.mask_grads()
+        self.timings["mask_s"] += time.perf_counter() - t0
+
+    def protect(self):
+        """Context manager around clipping + optimizer.step()."""
+        return self.guard.protect(self.optimizer)
+
+    def pop_metrics(self) -> dict[str, float]:
+        out = dict(self._pending_metrics)
+        out["longact/mask_version"] = float(self.version)
+        out["longact/frozen_fraction"] = self.guard.frozen_fraction()
+        self._pending_metrics.clear()
+        return out
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def save(self, local_path: str) -> None:
+        import ray
+        import torch.distributed as dist
+
+        if self.rank == 0:
+            state = {
+                "coordinator": ray.get(self.coordinator.state_dict.remote()),
+                "step": self.step,
+                "last_refresh": self.last_refresh,
+                "version": self.version,
+            }
+            path = Path(local_path) / STATE_FILE
+            tmp = path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, path)  # never leave a half-written state file
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load(self, local_path: str) -> None:
+        import ray
+        import torch.distributed as dist
+
+        path = Path(local_path) / STATE_FILE
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: this checkpoint was not written with LongAct on "
+                "(resume with longact.enable=false, or from a LongAct checkpoint)"
+            )
+        state = torch.load(path, weights_only=False)
+        if self.rank == 0:
+            ray.get(self.coordinator.load_state_dict.remote(state["coordinator"]))
+        if dist.is_initialized():
+            dist.barrier()
+        current = ray.get(self.coordinator.current.remote())
+        if current is not None:
+            # the optimizer state was restored with the weights: do not reset it
+            self._install(current, reset_entering=False)
+        self.step = int(state["step"])
+        self.last_refresh = state["last_refresh"]
