@@ -43,6 +43,7 @@ setup(
         "longact.eval",
         "longact.rewards",
         "longact.cli",
+        "longact.inspect",
         "longact.workers",
         "longact.recipes",
         "longact.hydra_configs",

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # module name under longact.cli -> registers one or more sub-commands
-COMMAND_MODULES = ["tiny_model", "doctor", "data", "eval"]
+COMMAND_MODULES = ["tiny_model", "doctor", "data", "eval", "submit", "inspect"]
 
 
 class UsageError(Exception):

@@ -1,0 +1,296 @@
+"""Run a model over prompts, capture per-channel |Q| / |K| statistics, measure concentration.
+
+``inspect_model(model_dir, data, ...)`` loads an HF causal LM (or a verl checkpoint
+folder: ``global_step_N``, its ``actor/`` or ``actor/huggingface/``; resolved by
+``longact.eval.runner.resolve_model_dir``), runs the first ``n`` prompts of ``data`` (a
+parquet path or rows with a chat ``prompt``) through it with the chat template and the
+generation prompt, right-padded so real tokens see exactly what they would see alone,
+and captures statistics from real tokens only (``longact.core.capture_qk_stats``,
+``during_no_grad=True``). Only the decoder runs (no LM head: no vocab-sized logits).
+
+For every (layer, "q"|"k") the result holds, over ``C`` output channels with per-channel
+mean |x| ``m`` (the magnitude the paper and AWQ use, whatever ``score`` selects with):
+
+* ``top10_share`` / ``top30_share``: sum of the largest ``n_keep(0.1, C)`` /
+  ``n_keep(0.3, C)`` values of ``m`` over ``sum(m)`` (uniform: ~0.1 / ~0.3);
+* ``max_over_mean``: ``max(m) / mean(m)`` (uniform: ~1);
+* ``kept_mass``: share of ``sum(m)`` on the rows the mask (ratio/policy/score/
+  granularity) keeps (``MaskSet.mass_kept``);
+* ``low_freq_top30``: fraction of the top-30% channels by ``m`` in the low-frequency
+  half of RoPE. Rotate-half RoPE (every adapter here) turns channel ``d`` of a head (size
+  D) at frequency index ``i = d mod D/2``, angle ``theta ** (-2i/D)``: the *upper half of
+  each rotation half* (``i >= D/4``, i.e. ``d`` in [D/4, D/2) or [3D/4, D)) is the
+  low-frequency half. (The two halves ``d < D/2`` / ``d >= D/2`` are rotation partners
+  with the same frequencies, not frequency bands.) Uniform: ~0.5.
+
+``compare_results(a, b)`` adds the per-key Jaccard overlap of the two models' masks.
+Results are plain JSON-able dicts; per-channel values live under ``"channels"`` so
+``longact.inspect.plot`` can redraw them from a saved ``inspect.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longact.core import (
+    POLICIES,
+    SCORES,
+    MaskSet,
+    QKLayout,
+    build_masks,
+    capture_qk_stats,
+    get_adapter,
+    n_keep,
+    validate_ratio,
+)
+from longact.core.adapters import key_str
+
+FORMAT = 1
+
+
+class InspectError(ValueError):
+    """Bad input for an inspection (model, data or settings)."""
+
+
+def model_name(path: str | Path) -> str:
+    """Display name: ``.../run1/global_step_20/actor/huggingface`` -> ``run1/global_step_20``."""
+    parts = [p for p in Path(path).resolve().parts if p not in ("huggingface", "actor")]
+    name = parts[-1] if parts else str(path)
+    if name.startswith("global_step_") and len(parts) > 1:
+        name = f"{parts[-2]}/{name}"
+    return name
+
+
+def _messages(prompt: Any) -> Any:
+    """A parquet round trip gives an array of dicts: back to a list of plain dicts."""
+    if hasattr(prompt, "tolist") and not isinstance(prompt, str):
+        prompt = prompt.tolist()
+    if isinstance(prompt, list):
+        return [dict(m) if isinstance(m, dict) else m for m in prompt]
+    return prompt
+
+
+def load_prompts(data: str | Path | list[dict], n: int) -> list[list[dict]]:
+    """The chat ``prompt`` of the first ``n`` rows of a parquet file (or of given rows)."""
+    if isinstance(data, (str, Path)):
+        path = Path(data)
+        if not path.is_file():
+            raise InspectError(f"data file {path} does not exist")
+        import pandas as pd
+
+        try:
+            frame = pd.read_parquet(path)
+        except Exception as e:  # noqa: BLE001 - pyarrow raises many types for non-parquet
+            raise InspectError(f"cannot read {path} as parquet: {e}") from None
+        if "prompt" not in frame.columns:
+            raise InspectError(
+                f"{path} has no 'prompt' column (columns: {', '.join(map(str, frame.columns))})"
+            )
+        prompts = [_messages(p) for p in frame["prompt"].head(n)]
+    else:
+        if any("prompt" not in r for r in data[:n]):
+            raise InspectError("every data row needs a 'prompt' (a list of chat messages)")
+        prompts = [r["prompt"] for r in data[:n]]
+    if not prompts:
+        raise InspectError("no prompts in the data")
+    for p in prompts:
+        if not isinstance(p, list) or not all(isinstance(m, dict) and "content" in m for m in p):
+            raise InspectError("'prompt' must be a list of chat messages with role/content")
+    return prompts
+
+
+def _check_settings(
+    n: int, ratio: float, policy: str, score: str, granularity: str, point: str, batch_size: int
+) -> None:
+    from longact.core import GRANULARITIES
+    from longact.core.capture import POINTS
+
+    if n < 1:
+        raise InspectError(f"n must be at least 1, got {n}")
+    if batch_size < 1:
+        raise InspectError(f"batch size must be at least 1, got {batch_size}")
+    if point not in POINTS:
+        raise InspectError(f"unknown capture point {point!r}; valid: {', '.join(POINTS)}")
+    try:
+        validate_ratio(ratio)
+        POLICIES.get(policy), SCORES.get(score), GRANULARITIES.get(granularity)
+    except ValueError as e:
+        raise InspectError(str(e)) from None
+
+
+def _load(model_dir: str | Path):
+    """(resolved path, tokenizer, base decoder, adapter, layout); errors before weights load."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from longact.eval.runner import EvalError, resolve_model_dir
+
+    try:
+        path = resolve_model_dir(model_dir)
+    except EvalError as e:
+        raise InspectError(str(e)) from None
+    config = AutoConfig.from_pretrained(path)
+    adapter = get_adapter(config)  # unsupported model_type: lists the supported ones
+    tok = AutoTokenizer.from_pretrained(path)
+    if not getattr(tok, "chat_template", None):
+        raise InspectError(f"the tokenizer in {path} has no chat template")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return path, tok, lm.base_model, adapter, adapter.layout(lm.config)
+
+
+def _key_metrics(m: torch.Tensor, mask: torch.Tensor, head_dim: int) -> dict[str, Any]:
+    """Concentration numbers of one (layer, proj) from mean |x| per channel m (C,)."""
+    c = m.numel()
+    total = float(m.sum())
+    order = torch.sort(m, descending=True, stable=True).indices
+    top10, top30 = order[: n_keep(0.1, c)], order[: n_keep(0.3, c)]
+    freq_index = top30 % (head_dim // 2)  # rotate-half: channel d turns at index d mod D/2
+    return {
+        "channels": c,
+        "top10_share": float(m[top10].sum()) / total if total else 0.0,
+        "top30_share": float(m[top30].sum()) / total if total else 0.0,
+        "max_over_mean": float(m.max() / m.mean()) if total else 0.0,
+        "kept_fraction": float(mask.double().mean()),
+        "kept_mass": float(m[mask].sum()) / total if total else 0.0,
+        "low_freq_top30": float((freq_index >= head_dim // 4).double().mean()),
+        "top_channels": order[:8].tolist(),
+    }
+
+
+METRICS = ("top10_share", "top30_share", "max_over_mean", "kept_mass", "low_freq_top30")
+
+
+def _means(rows: list[dict]) -> dict[str, float]:
+    return {k: sum(r[k] for r in rows) / len(rows) for k in METRICS} if rows else {}
+
+
+@torch.no_grad()
+def inspect_model(
+    model_dir: str | Path,
+    data: str | Path | list[dict],
+    *,
+    n: int = 16,
+    ratio: float = 0.3,
+    policy: str = "topk",
+    score: str = "mean_abs",
+    granularity: str = "channel",
+    point: str = "proj",
+    batch_size: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Capture q/k statistics of ``model_dir`` over the first ``n`` prompts of ``data``."""
+    _check_settings(n, ratio, policy, score, granularity, point, batch_size)
+    prompts = load_prompts(data, n)
+    path, tok, model, adapter, layout = _load(model_dir)
+    texts = [
+        tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
+    device = next(model.parameters()).device
+    try:
+        capture = capture_qk_stats(model, adapter, point=point, during_no_grad=True)
+    except ValueError as e:  # point="norm" on a model without q_norm/k_norm
+        raise InspectError(str(e)) from None
+    with capture as cap:
+        for i in range(0, len(texts), batch_size):
+            enc = tok(
+                texts[i : i + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=False,
+            )
+            ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            cap.set_token_mask(attn.bool())  # real tokens only
+            model(input_ids=ids, attention_mask=attn, use_cache=False)
+        stats = cap.take()
+    masks = build_masks(
+        stats, layout, ratio=ratio, policy=policy, score=score, granularity=granularity, seed=seed
+    )
+    keys, channels = [], {}
+    for key in layout:
+        m = stats.mean_abs(key).double().cpu()  # (C,)
+        mask = masks[key]
+        keys.append({"layer": key[0], "proj": key[1], **_key_metrics(m, mask, layout.head_dim)})
+        channels[key_str(key)] = {
+            "mean_abs": [float(f"{v:.6g}") for v in m.tolist()],
+            "kept": torch.nonzero(mask).flatten().tolist(),
+        }
+    return {
+        "format": FORMAT,
+        "model": str(path),
+        "model_name": model_name(path),
+        "model_type": adapter.model_type,
+        "layout": {
+            "num_layers": layout.num_layers,
+            "head_dim": layout.head_dim,
+            "num_attention_heads": layout.num_attention_heads,
+            "num_key_value_heads": layout.num_key_value_heads,
+        },
+        "data": str(data) if isinstance(data, (str, Path)) else "<rows>",
+        "n": len(prompts),
+        "tokens": int(stats.token_count((0, "q"))),
+        "settings": {
+            "ratio": ratio,
+            "policy": policy,
+            "score": score,
+            "granularity": granularity,
+            "point": point,
+            "seed": seed,
+        },
+        "keys": keys,
+        "overall": {
+            "q": _means([r for r in keys if r["proj"] == "q"]),
+            "k": _means([r for r in keys if r["proj"] == "k"]),
+            "all": _means(keys),
+        },
+        "channels": channels,
+    }
+
+
+def layout_of(result: dict) -> QKLayout:
+    lo = result["layout"]
+    return QKLayout(
+        lo["num_layers"], lo["head_dim"], lo["num_attention_heads"], lo["num_key_value_heads"]
+    )
+
+
+def mask_set(result: dict) -> MaskSet:
+    """The MaskSet stored (as kept indices) in a result."""
+    layout = layout_of(result)
+    masks = {}
+    for key in layout:
+        m = torch.zeros(layout.rows(key[1]), dtype=torch.bool)
+        m[result["channels"][key_str(key)]["kept"]] = True
+        masks[key] = m
+    return MaskSet(masks, meta=dict(result["settings"]))
+
+
+def compare_results(a: dict, b: dict) -> dict[str, Any]:
+    """Jaccard overlap of the two results' masks per (layer, proj); stored as ``a["compare"]``."""
+    if layout_of(a) != layout_of(b):
+        raise InspectError(f"cannot compare: q/k layouts differ ({a['layout']} vs {b['layout']})")
+    jac = mask_set(a).jaccard(mask_set(b), per_key=True)
+    per_key = [{"layer": k[0], "proj": k[1], "jaccard": v} for k, v in sorted(jac.items())]
+
+    def mean(rows: list[dict]) -> float:
+        return sum(r["jaccard"] for r in rows) / len(rows)
+
+    out = {
+        "model": b["model"],
+        "model_name": b["model_name"],
+        "jaccard": per_key,
+        "jaccard_mean": {
+            "q": mean([r for r in per_key if r["proj"] == "q"]),
+            "k": mean([r for r in per_key if r["proj"] == "k"]),
+            "all": mean(per_key),
+        },
+        "other": b,
+    }
+    a["compare"] = out
+    return out

@@ -1,0 +1,109 @@
+"""Helpers for the end-to-end tests: run verl's trainer, parse its console metrics."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from longact.core.masks import MaskSet
+
+HERE = Path(__file__).parent
+REPO = HERE.parent.parent
+BIN = Path(sys.executable).parent
+QK_SUFFIXES = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
+
+
+def base_overrides(tiny_dir: Path, rl_data: dict, ckpt: Path) -> list[str]:
+    return [
+        f"data.train_files={rl_data['train']}",
+        f"data.val_files={rl_data['val']}",
+        "data.max_prompt_length=128",
+        f"actor_rollout_ref.model.path={tiny_dir}",
+        f"reward.custom_reward_function.path={HERE / 'toy_reward.py'}",
+        f"trainer.default_local_dir={ckpt}",
+        "trainer.project_name=longact_tests",
+    ]
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.setdefault("PYTHONWARNINGS", "ignore")
+    e["RAY_DEDUP_LOGS"] = "0"
+    e["WANDB_MODE"] = "offline"
+    e.pop("RAY_ADDRESS", None)  # always a fresh local cluster
+    return e
+
+
+def run(cmd: list[str], log: Path, timeout: int = 600, extra_env: dict | None = None) -> str:
+    """Run a trainer command; on failure show the end of its log."""
+    with open(log, "w") as f:
+        proc = subprocess.run(
+            cmd,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env={**env(), **(extra_env or {})},
+            timeout=timeout,
+        )
+    text = log.read_text(errors="replace")
+    if proc.returncode != 0:
+        pytest.fail(f"{' '.join(cmd[:3])} exited {proc.returncode}; log tail:\n{text[-6000:]}")
+    return text
+
+
+STEP_RE = re.compile(r"step:(\d+) - (.*)")
+
+
+def step_metrics(log_text: str) -> dict[int, dict[str, float]]:
+    """verl's console logger lines ``step:N - key:value - ...`` -> {N: {key: value}}."""
+    out: dict[int, dict[str, float]] = {}
+    for m in STEP_RE.finditer(log_text):
+        metrics = {}
+        for part in m.group(2).split(" - "):
+            key, _, val = part.rpartition(":")
+            try:
+                metrics[key.strip()] = float(val.strip().rstrip(")").split("(")[-1])
+            except ValueError:
+                continue
+        out[int(m.group(1))] = metrics
+    return out
+
+
+def load_weights(path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def step_weights(ckpt: Path, step: int) -> dict:
+    return load_weights(
+        ckpt / f"global_step_{step}" / "actor" / "huggingface" / "model.safetensors"
+    )
+
+
+def masks_at(ckpt: Path, step: int) -> tuple[MaskSet, dict]:
+    state = torch.load(
+        ckpt / f"global_step_{step}" / "actor" / "longact_state.pt", weights_only=False
+    )
+    return MaskSet.from_state_dict(state["coordinator"]["masks"]), state
+
+
+def check_step(before: dict, after: dict, masks: MaskSet) -> None:
+    """Frozen W_Q/W_K rows bit-identical, trainable rows changed, all else changed."""
+    for name, w0 in before.items():
+        w1 = after[name]
+        if name.endswith(QK_SUFFIXES):
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            proj = "q" if ".q_proj." in name else "k"
+            keep = masks[(layer, proj)]
+            assert keep.shape[0] == w0.shape[0]
+            assert torch.equal(w0[~keep], w1[~keep]), f"{name}: a frozen row moved"
+            moved = (w0[keep] != w1[keep]).any(dim=1)
+            assert bool(moved.all()), f"{name}: {int((~moved).sum())} trainable rows unchanged"
+        else:
+            assert not torch.equal(w0, w1), f"{name} did not change"

@@ -1,0 +1,132 @@
+"""LongAct through ``longact-train`` (GRPO, 2 FSDP2 ranks, CPU), killed and resumed.
+
+One run of 5 planned steps with a checkpoint after every step and a mask refresh every
+2 optimizer steps (at steps 1 and 3) is killed (SIGKILL to its whole process group) once
+the step-3 checkpoint is complete; a second run resumes from it. The checks:
+
+- at each step, every W_Q / W_K row outside the mask in force is bit-identical before and
+  after the step; rows inside changed; every other parameter changed;
+- the coordinator's version advanced as configured (1, 1, 2);
+- the resumed run continues at step 4 with the same mask version and coordinator state;
+- a wandb offline run directory holds the ``longact/*`` metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from e2e_utils import (
+    BIN,
+    base_overrides,
+    check_step,
+    env,
+    load_weights,
+    masks_at,
+    run,
+    step_metrics,
+    step_weights,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _cmd(tiny_dir, rl_data, ckpt, total, wandb_dir):
+    return [
+        str(BIN / "longact-train"),
+        "recipe=grpo_cpu",
+        *base_overrides(tiny_dir, rl_data, ckpt),
+        f"trainer.total_training_steps={total}",
+        "trainer.save_freq=1",
+        "trainer.resume_mode=auto",
+        "trainer.logger=[console,wandb]",
+        "trainer.experiment_name=grpo_kill_resume",
+        "actor_rollout_ref.actor.optim.lr=1e-2",
+        "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
+        "longact.ratio=0.3",
+        "longact.refresh_interval=2",
+    ], {"WANDB_DIR": str(wandb_dir)}
+
+
+def _latest(ckpt: Path) -> int:
+    f = ckpt / "latest_checkpointed_iteration.txt"
+    return int(f.read_text().strip()) if f.is_file() else 0
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory, tiny_dir, rl_data):
+    """Start a 5-step run, SIGKILL it once the step-3 checkpoint is written."""
+    root = tmp_path_factory.mktemp("grpo")
+    ckpt, wandb_dir = root / "ckpt", root / "wandb"
+    wandb_dir.mkdir()
+    cmd, extra = _cmd(tiny_dir, rl_data, ckpt, 5, wandb_dir)
+    log = root / "first.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env={**env(), **extra}, start_new_session=True
+        )
+        deadline = time.time() + 600
+        try:
+            while _latest(ckpt) < 3:
+                if proc.poll() is not None:
+                    pytest.fail(f"run ended early ({proc.returncode}):\n{log.read_text()[-5000:]}")
+                if time.time() > deadline:
+                    pytest.fail("no step-3 checkpoint within 10 minutes")
+                time.sleep(0.5)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    time.sleep(2)  # let the killed cluster's sockets close
+    return {"root": root, "ckpt": ckpt, "wandb": wandb_dir, "log": log.read_text()}
+
+
+def test_frozen_rows_bit_identical_each_step(killed_run, tiny_dir):
+    ckpt = killed_run["ckpt"]
+    prev = load_weights(tiny_dir / "model.safetensors")
+    versions = []
+    for step in (1, 2, 3):
+        masks, state = masks_at(ckpt, step)
+        assert abs(masks.kept_fraction() - 0.3) < 0.05
+        cur = step_weights(ckpt, step)
+        check_step(prev, cur, masks)
+        versions.append(masks.version)
+        assert state["step"] == step  # one optimizer step per trainer step here
+        prev = cur
+    assert versions == [1, 1, 2], versions  # refresh_interval=2: refreshes at steps 1 and 3
+    metrics = step_metrics(killed_run["log"])
+    assert [metrics[s]["actor/longact/mask_version"] for s in (1, 2, 3)] == [1.0, 1.0, 2.0]
+    assert "actor/longact/jaccard_prev_q" in metrics[3]
+    assert 0.0 <= metrics[3]["actor/longact/mass_kept_q"] <= 1.0
+
+
+def test_resume_continues_with_same_masks(killed_run, tiny_dir, rl_data):
+    ckpt, root = killed_run["ckpt"], killed_run["root"]
+    assert _latest(ckpt) == 3
+    cmd, extra = _cmd(tiny_dir, rl_data, ckpt, 4, killed_run["wandb"])
+    text = run(cmd, root / "resume.log", extra_env=extra)
+    metrics = step_metrics(text)
+    assert sorted(metrics) == [4], f"resumed run logged steps {sorted(metrics)}"
+    assert metrics[4]["actor/longact/mask_version"] == 2.0  # no new refresh at step 4
+    masks3, _ = masks_at(ckpt, 3)
+    masks4, state4 = masks_at(ckpt, 4)
+    assert masks4.version == masks3.version == 2
+    assert all(torch.equal(masks3[k], masks4[k]) for k in masks3.keys())
+    coord = state4["coordinator"]
+    assert coord["version"] == 2 and len(coord["history"]) == 2 and state4["step"] == 4
+    check_step(step_weights(ckpt, 3), step_weights(ckpt, 4), masks4)
+
+
+def test_wandb_offline_has_longact_metrics(killed_run):
+    runs = list(Path(killed_run["wandb"]).glob("wandb/offline-run-*/run-*.wandb"))
+    assert runs, "no offline wandb run was written"
+    assert any(b"longact/mask_version" in r.read_bytes() for r in runs)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
