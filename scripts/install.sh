@@ -61,6 +61,9 @@ if [[ "$SET" == "cpu" ]]; then
 else
   echo "[install] GPU set (torch 2.11.0, vllm 0.24.0, flash-attn 2.8.3)"
   "${PIP[@]}" torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
+  # flash-attn 2.8.3 is source-only and imports torch in its setup: no build isolation
+  "${PIP[@]}" setuptools wheel packaging psutil ninja einops
+  "${PIP[@]}" --no-build-isolation flash-attn==2.8.3
   "${PIP[@]}" -r "$ROOT/requirements/gpu.txt"
   [[ $DEV == 1 ]] && "${PIP[@]}" -r "$ROOT/requirements/dev.txt"
 fi

@@ -33,11 +33,18 @@ def register(sub) -> None:
     )
     p.add_argument("--longbench", default=None, help="also evaluate this LongBench v2 file")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="task option for every task that has it (repeatable), e.g. --opt value_digits=2",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from longact.cli.data import _ints
+    from longact.cli.data import _ints, _opts
     from longact.eval.runner import evaluate
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -57,6 +64,7 @@ def run(args) -> int:
             backend=args.backend,
             longbench=args.longbench,
             progress=not args.quiet,
+            task_opts=_opts(args.opt),
         )
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None

@@ -144,12 +144,18 @@ def connect(address: str):
 
 
 def run(args) -> int:
-    from longact.launch.runtime_env import LaunchError, parse_env, prepare_job
+    from longact.launch.runtime_env import LaunchError, check_overrides, parse_env, prepare_job
 
     try:
         env = parse_env(args.env)
         if args.timeout is not None and args.timeout <= 0:
             raise LaunchError(f"--timeout={args.timeout} must be > 0")
+        check_overrides(args.overrides)
+    except LaunchError as e:
+        raise UsageError(str(e)) from None
+    address = resolve_address(args.address)
+    client = None if args.dry_run else connect(address)  # fail fast, before staging
+    try:
         spec = prepare_job(
             args.overrides,
             working_dir=args.working_dir,
@@ -163,21 +169,20 @@ def run(args) -> int:
         raise UsageError(str(e)) from None
     try:
         if args.dry_run:
-            print(
-                json.dumps(
-                    {"entrypoint": spec.entrypoint, "runtime_env": spec.runtime_env}, indent=2
-                )
-            )
+            shown = {
+                "entrypoint": spec.entrypoint,
+                "runtime_env": spec.runtime_env,
+                "excluded_before_staging": spec.excludes,
+            }
+            print(json.dumps(shown, indent=2))
             print(f"{len(spec.files)} files, {spec.total_bytes / 1e6:.2f} MB would be uploaded")
             return 0
-        address = resolve_address(args.address)
-        client = connect(address)
         try:
             job_id = client.submit_job(
                 entrypoint=spec.entrypoint,
                 runtime_env=spec.runtime_env,
                 submission_id=args.job_id,
-                metadata={"launcher": "longact submit"},
+                metadata={"launcher": "longact submit", "excludes": " ".join(spec.excludes)},
             )
         except (RuntimeError, ValueError, ConnectionError) as e:
             raise UsageError(f"the cluster at {address} refused the job: {e}") from None

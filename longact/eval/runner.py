@@ -139,8 +139,13 @@ def evaluate(
     backend: str = "auto",
     longbench: str | Path | None = None,
     progress: bool = True,
+    task_opts: dict | None = None,
 ) -> dict:
-    """Score ``model_dir`` on every task x length; write the report files to ``out_dir``."""
+    """Score ``model_dir`` on every task x length; write the report files to ``out_dir``.
+
+    ``task_opts`` (e.g. ``{"value_digits": 2}``) go to every task that has the option.
+    """
+    from longact.data.base import OPTIONS
     from longact.data.tasks import TASKS
 
     for task in tasks:
@@ -153,7 +158,8 @@ def evaluate(
     jobs = []  # (task, length, rows)
     for task in tasks:
         for length in lengths:
-            jobs.append((task, length, make_dataset(task, tok, length, n, seed=seed)))
+            opts = {k: v for k, v in (task_opts or {}).items() if k in OPTIONS[task]}
+            jobs.append((task, length, make_dataset(task, tok, length, n, seed=seed, **opts)))
     for length in lengths if records else []:
         jobs.append((lb.DATA_SOURCE, length, lb.make_rows(records, tok, length)))
     backend = pick_backend(backend)

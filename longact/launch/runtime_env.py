@@ -5,7 +5,9 @@ a staging folder so that what the cluster receives is exactly what was checked:
 
 - files matched by ``EXCLUDES`` (checkpoints, model weights, run outputs, virtualenvs,
   wandb folders, data files), by Ray's own default excludes and by ``.gitignore`` /
-  ``.rayignore`` are left out, with the same matcher Ray's upload uses;
+  ``.rayignore`` are left out, with the same matcher Ray's upload uses; the stage is
+  shipped without an ``excludes`` key, since Ray would apply those patterns again to
+  the whole stage, the staged package included;
 - LongAct's source folders are not copied as they lie: setup.py maps the top-level
   ``workers/``, ``recipes/`` and ``hydra_configs/`` folders into the ``longact``
   package, so a plain copy of the repository would hold a ``longact/`` without
@@ -68,6 +70,7 @@ EXCLUDES = [
     "*.h5",
     "*.npy",
     "*.npz",
+    "/models/",
     # data sets: reference them by a path the cluster can read, never upload them
     "*.parquet",
     "*.arrow",
@@ -107,6 +110,10 @@ FORWARD_ENV = (
     "VERL_LOGGING_LEVEL",
 )
 
+# what is left out of LongAct's own package when it is staged
+PACKAGE_EXCLUDES = ["__pycache__/", "*.pyc", "*.egg-info/"]
+IGNORE_FILES = (".gitignore", ".rayignore")
+
 DEFAULT_MAX_UPLOAD_MB = 100.0
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -125,6 +132,8 @@ class JobSpec:
     """The folder shipped as working_dir; remove it (``cleanup``) once submitted."""
     files: list[tuple[str, int]] = field(default_factory=list)
     """(relative path, bytes) of every staged file."""
+    excludes: list[str] = field(default_factory=list)
+    """The patterns the working_dir was filtered with (before staging)."""
 
     @property
     def total_bytes(self) -> int:
@@ -218,28 +227,21 @@ def job_env(extra: dict[str, str], environ: dict[str, str] | None = None) -> dic
     return env
 
 
-def _ray_excludes(extra: list[str]) -> tuple[list[str], bool]:
-    """All patterns Ray applies to an upload, and whether it reads .gitignore files."""
-    from ray._private import ray_constants
-
-    defaults = ray_constants.get_runtime_env_default_excludes()
-    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
-    return [*defaults, *EXCLUDES, *extra], include_gitignore
-
-
-def collect_files(root: Path, extra_excludes: list[str] = (), skip: set[Path] = frozenset()):
-    """(relative path, bytes) of the files Ray would upload from ``root``.
+def collect_files(root: Path, excludes: list[str], skip: set[Path] = frozenset()):
+    """(relative path, bytes) of the files Ray would upload from ``root`` with ``excludes``.
 
     Walks with Ray's own traversal and matchers (ray is pinned in requirements/), so
-    .gitignore / .rayignore files and Ray's default excludes count exactly as in the
-    upload. ``skip`` holds absolute folders left out entirely.
+    .gitignore / .rayignore files and Ray's default excludes count exactly as in an
+    upload of ``root``. ``skip`` holds absolute folders left out entirely.
     """
     import logging
 
+    from ray._private import ray_constants
     from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
 
     root = root.resolve()
-    patterns, include_gitignore = _ray_excludes(list(extra_excludes))
+    patterns = [*ray_constants.get_runtime_env_default_excludes(), *excludes]
+    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
     skip = {p.resolve() for p in skip}
     files: list[tuple[str, int]] = []
 
@@ -263,7 +265,9 @@ def check_size(files: list[tuple[str, int]], max_bytes: float, where: Path) -> N
     total = sum(size for _, size in files)
     if total <= max_bytes:
         return
-    biggest = sorted(files, key=lambda f: -f[1])[:5]
+    ranked = sorted(files, key=lambda f: -f[1])
+    # the few files that matter: the top five, without those under 1% of the total
+    biggest = [f for f in ranked[:5] if f[1] >= total / 100] or ranked[:1]
     listed = ", ".join(f"{name} ({size / 1e6:.1f} MB)" for name, size in biggest)
     raise LaunchError(
         f"working_dir {where} would upload {total / 1e6:.1f} MB after excludes "
@@ -289,22 +293,28 @@ def stage_job(
     # LongAct's own source folders inside the working_dir (a checkout) are never copied
     # as they lie; see the module docstring.
     skip = {p for p in sources.values() if p.parent == working_dir}
+    if code == "installed":  # nothing may shadow the cluster's installed package
+        skip.add(working_dir / PACKAGE)
     if code == "local" and (working_dir / PACKAGE).exists() and sources[PACKAGE] not in skip:
         raise LaunchError(
-            f"{working_dir / PACKAGE} exists but is not the longact package being shipped; "
-            f"rename it or use --code installed"
+            f"{working_dir / PACKAGE} exists but this longact is imported from "
+            f"{sources[PACKAGE]}; submit from the install you mean to ship (pip install -e "
+            f"the checkout), pick another --working-dir, or use --code installed"
         )
-    files = collect_files(working_dir, extra_excludes, skip)
+    files = collect_files(working_dir, [*EXCLUDES, *extra_excludes], skip)
+    # ignore files have been applied; copied into the stage, Ray would apply them again,
+    # to the staged longact/ package too (a `data/` line would strip longact/data)
+    files = [(rel, size) for rel, size in files if Path(rel).name not in IGNORE_FILES]
     pkg_files: list[tuple[str, Path]] = []
     if code == "local":
         pkg_root = sources[PACKAGE]
         mapped = {sources[f"{PACKAGE}.{sub}"]: sub for sub in MAPPED_SUBPACKAGES}
-        for rel, _ in collect_files(pkg_root, extra_excludes):
+        for rel, _ in collect_files(pkg_root, PACKAGE_EXCLUDES):
             pkg_files.append((f"{PACKAGE}/{rel}", pkg_root / rel))
         for src, sub in mapped.items():
             if src.parent == pkg_root:  # already inside (non-editable install)
                 continue
-            for rel, _ in collect_files(src, extra_excludes):
+            for rel, _ in collect_files(src, PACKAGE_EXCLUDES):
                 pkg_files.append((f"{PACKAGE}/{sub}/{rel}", src / rel))
     all_files = files + [(rel, src.stat().st_size) for rel, src in pkg_files]
     check_size(all_files, max_bytes, working_dir)
@@ -333,9 +343,13 @@ def prepare_job(
     entrypoint = build_entrypoint(overrides, train_cmd)
     working_dir = Path(working_dir) if working_dir else default_working_dir()
     stage, files = stage_job(working_dir, code, list(extra_excludes), max_upload_mb * 1e6)
-    runtime_env = {
-        "working_dir": str(stage),
-        "excludes": [*EXCLUDES, *extra_excludes],
-        "env_vars": job_env(env or {}),
-    }
-    return JobSpec(entrypoint=entrypoint, runtime_env=runtime_env, stage_dir=stage, files=files)
+    # No `excludes` key: the stage is already filtered, and Ray would apply unanchored
+    # patterns to the staged longact/ package as well.
+    runtime_env = {"working_dir": str(stage), "env_vars": job_env(env or {})}
+    return JobSpec(
+        entrypoint=entrypoint,
+        runtime_env=runtime_env,
+        stage_dir=stage,
+        files=files,
+        excludes=[*EXCLUDES, *extra_excludes],
+    )

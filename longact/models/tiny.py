@@ -57,9 +57,9 @@ class TinySize:
 
 
 SIZES: Registry[TinySize] = Registry("tiny-model size")
-SIZES.add("xxs", TinySize(64, 2, 4, 2, 16, 128))  # ~0.1M: unit tests
-SIZES.add("xs", TinySize(128, 2, 4, 2, 32, 512))  # ~0.56M: demo and experiments
-SIZES.add("s", TinySize(256, 4, 4, 2, 64, 1024))  # ~3.3M: slower, more capacity
+SIZES.add("xxs", TinySize(64, 2, 4, 2, 16, 128))  # ~0.19M: unit tests
+SIZES.add("xs", TinySize(128, 2, 4, 2, 32, 512))  # ~0.73M: demo and experiments
+SIZES.add("s", TinySize(256, 4, 4, 2, 64, 1024))  # ~4.4M: slower, more capacity
 
 
 def _training_corpus(seed: int = 0) -> list[str]:

@@ -135,6 +135,7 @@ def _check_model_dir(path: str, longact: LongActConfig) -> None:
     cfg_file = p / "config.json"
     if not cfg_file.is_file():
         raise ConfigError(f"model directory {str(p)!r} has no config.json")
+    _check_chat_template(p)
     if longact.enable and longact.policy != "full":
         from longact.core.adapters import ADAPTERS
 
@@ -144,6 +145,28 @@ def _check_model_dir(path: str, longact: LongActConfig) -> None:
                 f"LongAct has no q/k adapter for model_type {model_type!r} ({p}); supported: "
                 f"{', '.join(ADAPTERS.names())}; or run with longact.enable=false"
             )
+
+
+def _check_chat_template(p: Path) -> None:
+    """verl renders every RL prompt with the tokenizer's chat template: fail early without one.
+
+    Reads the tokenizer files only (no tokenizer is built). A directory without
+    ``tokenizer_config.json`` is left to verl (e.g. a tokenizer loaded from elsewhere).
+    """
+    tok_cfg = p / "tokenizer_config.json"
+    if not tok_cfg.is_file():
+        return
+    try:
+        has_key = bool(json.loads(tok_cfg.read_text()).get("chat_template"))
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"cannot read {tok_cfg}: {e}") from None
+    has_file = any((p / name).is_file() for name in ("chat_template.jinja", "chat_template.json"))
+    if not (has_key or has_file):
+        raise ConfigError(
+            f"tokenizer in {str(p)!r} has no chat template; verl applies it to every prompt. "
+            "Add one (tokenizer_config.json 'chat_template' or chat_template.jinja), "
+            "e.g. use an instruct model or `longact tiny-model`"
+        )
 
 
 def _check_platform(config: DictConfig) -> None:

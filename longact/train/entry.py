@@ -23,8 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from longact.train.config import ConfigError, available_recipes, prepare_config
 from longact.train.runtime import CONFIG_ENV
 
-
-
+VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-dir", "-cd", "--experimental-rerun"}
 SEARCH_PATH = "hydra.searchpath=[pkg://longact.hydra_configs,pkg://verl.trainer.config]"
 
 
@@ -42,18 +41,23 @@ def hydra_argv(argv: list[str]) -> list[str]:
     ``longact_trainer``), so the recipe picks ``--config-name``; verl's and LongAct's
     config folders join Hydra's search path.
     """
-    recipe, rest = None, []
-    for arg in argv:
+    recipe, overrides, flags = None, [], []
+    args = iter(argv)
+    for arg in args:
         if arg.startswith("recipe="):
             recipe = arg.split("=", 1)[1]
+        elif arg in VALUE_FLAGS:  # Hydra flags that take a value: keep the pair together
+            flags += [arg, next(args, "")]
+        elif arg.startswith("-"):
+            flags.append(arg)
         else:
-            rest.append(arg)
+            overrides.append(arg)
     known = available_recipes()
     if recipe is None:
         recipe = default_recipe()
     if recipe not in known:
         raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(known)}")
-    return ["--config-name", recipe, SEARCH_PATH, *rest]
+    return ["--config-name", recipe, SEARCH_PATH, *overrides, *flags]
 
 
 def run(config: DictConfig) -> None:
@@ -69,8 +73,10 @@ def run(config: DictConfig) -> None:
     longact_yaml = OmegaConf.to_yaml(config.longact)
     os.environ[CONFIG_ENV] = longact_yaml
     with open_dict(config):
-        env_vars = config.ray_kwargs.ray_init.runtime_env.setdefault("env_vars", {})
-        env_vars[CONFIG_ENV] = longact_yaml
+        runtime_env = config.ray_kwargs.ray_init.runtime_env
+        if runtime_env.get("env_vars") is None:
+            runtime_env.env_vars = {}
+        runtime_env.env_vars[CONFIG_ENV] = longact_yaml
     validate_config(
         config=config,
         use_reference_policy=need_reference_policy(config),

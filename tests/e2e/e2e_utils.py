@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,22 +55,11 @@ def run(cmd: list[str], log: Path, timeout: int = 600, extra_env: dict | None = 
     return text
 
 
-STEP_RE = re.compile(r"step:(\d+) - (.*)")
-
-
 def step_metrics(log_text: str) -> dict[int, dict[str, float]]:
     """verl's console logger lines ``step:N - key:value - ...`` -> {N: {key: value}}."""
-    out: dict[int, dict[str, float]] = {}
-    for m in STEP_RE.finditer(log_text):
-        metrics = {}
-        for part in m.group(2).split(" - "):
-            key, _, val = part.rpartition(":")
-            try:
-                metrics[key.strip()] = float(val.strip().rstrip(")").split("(")[-1])
-            except ValueError:
-                continue
-        out[int(m.group(1))] = metrics
-    return out
+    from longact.demo.logs import parse_step_metrics
+
+    return parse_step_metrics(log_text)
 
 
 def load_weights(path: Path) -> dict:

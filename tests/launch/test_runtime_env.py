@@ -76,7 +76,8 @@ def test_staged_working_dir_never_ships_checkpoints_or_weights(project):
             assert rel in files, rel
         assert not any("__pycache__" in f for f in files)
         assert spec.runtime_env["working_dir"] == str(spec.stage_dir)
-        assert "*.safetensors" in spec.runtime_env["excludes"]
+        assert "*.safetensors" in spec.excludes
+        assert "excludes" not in spec.runtime_env  # applied before staging, not again
         assert {f for f, _ in spec.files} == files
     finally:
         spec.cleanup()
@@ -109,6 +110,23 @@ def test_checkout_is_staged_in_installed_layout_and_imports_from_there():
         spec.cleanup()
 
 
+def test_ignore_files_do_not_strip_the_staged_package(project):
+    # common .gitignore lines that would match subpackages of longact (data/, models/)
+    (project / ".gitignore").write_text("data/\nmodels/\n*.log\n")
+    (project / "models").mkdir()
+    (project / "models" / "tokenizer.json").write_text("{}")
+    (project / "train.log").write_text("x")
+    spec = rt.prepare_job(["recipe=grpo"], working_dir=project)
+    try:
+        files = staged_files(spec)
+        assert "longact/data/__init__.py" in files
+        assert "longact/models/tiny.py" in files
+        assert "models/tokenizer.json" not in files and "train.log" not in files
+        assert ".gitignore" not in files and ".rayignore" not in files
+    finally:
+        spec.cleanup()
+
+
 def test_code_installed_ships_no_package(project):
     spec = rt.prepare_job(["recipe=grpo"], working_dir=project, code="installed")
     try:
@@ -119,10 +137,14 @@ def test_code_installed_ships_no_package(project):
 
 def test_foreign_longact_folder_is_refused(project):
     (project / "longact").mkdir()
-    with pytest.raises(LaunchError, match="not the longact package"):
+    (project / "longact" / "__init__.py").write_text("")
+    with pytest.raises(LaunchError, match="but this longact is imported from"):
         rt.prepare_job(["recipe=grpo"], working_dir=project)
     spec = rt.prepare_job(["recipe=grpo"], working_dir=project, code="installed")
-    spec.cleanup()
+    try:  # never shipped: it would shadow the cluster's installed package
+        assert not any(f.startswith("longact/") for f in staged_files(spec))
+    finally:
+        spec.cleanup()
 
 
 def test_upload_over_the_limit_is_refused_naming_the_biggest_files(project):
@@ -139,7 +161,7 @@ def test_upload_over_the_limit_is_refused_naming_the_biggest_files(project):
         ["recipe=grpo"], working_dir=project, max_upload_mb=1, extra_excludes=["*.csv"]
     )
     assert "big_table.csv" not in staged_files(spec)
-    assert "*.csv" in spec.runtime_env["excludes"]
+    assert "*.csv" in spec.excludes
     spec.cleanup()
 
 
@@ -205,7 +227,8 @@ def test_cli_errors(capsys, monkeypatch, project):
     err = capsys.readouterr().err
     assert "cannot reach a Ray cluster's dashboard at " + url in err
 
-    assert main(["submit", "--working-dir", str(project / "nope"), "--", "recipe=grpo"]) == 2
+    args = ["submit", "--dry-run", "--working-dir", str(project / "nope"), "--", "recipe=grpo"]
+    assert main(args) == 2
     assert "is not a directory" in capsys.readouterr().err
 
 

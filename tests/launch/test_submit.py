@@ -1,11 +1,13 @@
 """``longact submit`` against a real Ray cluster on loopback (slow).
 
-One cluster (2 logical GPUs, 16 CPUs, 127.0.0.1 only) takes three jobs:
+One cluster (2 logical GPUs, 16 CPUs, 127.0.0.1 only, token authentication) takes:
 
 - a probe whose entrypoint imports ``longact.workers`` and prints where ``longact``
   came from: the staged working_dir, not the editable checkout (package_dir mapping);
-- a 2-step GRPO run of the CPU recipe on a tiny model, waited for (SUCCEEDED, exit 0),
-  writing its checkpoint where ``trainer.default_local_dir`` says;
+- a 2-step GRPO run of the CPU recipe on a tiny model with LongAct on (its default),
+  waited for (SUCCEEDED, exit 0), writing its checkpoint, LongAct's state included,
+  where ``trainer.default_local_dir`` says;
+- a submission with a wrong auth token: refused with exit code 2;
 - a run with a model path that does not exist: FAILED, and ``--wait`` exits 1.
 """
 
@@ -77,9 +79,20 @@ def test_submit_grpo_cpu_to_existing_cluster(ray_cluster, submit_env, tiny_run):
     assert "SUCCEEDED" in out
     assert "step:2" in out, out[-8000:]
     assert (run["ckpt"] / "global_step_2").is_dir(), sorted(run["ckpt"].glob("*"))
+    # LongAct (on by default) engaged in the cluster's workers: its section reached them
+    # through the job's runtime_env, not through the submitting shell's environment
+    assert "actor/longact/step:2" in out, "LongAct metrics missing from the job's log"
+    assert (run["ckpt"] / "global_step_2" / "actor" / "longact_state.pt").is_file()
     print(f"2-step GRPO job took {elapsed:.0f}s")
 
-    # 3. a failing run: FAILED, exit code 1
+    # 3. a wrong auth token: refused before anything is staged or uploaded
+    proc, _ = submit(
+        ray_cluster, {**submit_env, "RAY_AUTH_TOKEN": "0" * 64}, ["--", *overrides], timeout=60
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "refused this machine's auth token" in proc.stderr
+
+    # 4. a failing run: FAILED, exit code 1
     bad = [o for o in overrides if not o.startswith("actor_rollout_ref.model.path=")]
     proc, _ = submit(
         ray_cluster,

@@ -1,0 +1,1 @@
+"""The embedded demo and the reproduction experiment (tiny scale, CPU)."""

@@ -1,0 +1,98 @@
+"""Recipes: each composes on the launcher's search path with its documented values, and
+``longact-train`` rejects an unknown recipe name before Hydra or Ray start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from longact.train.config import ConfigError, available_recipes
+from longact.train.entry import SEARCH_PATH, hydra_argv
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:.*engine is not available:UserWarning"),
+    pytest.mark.filterwarnings("ignore:Ray state API:DeprecationWarning"),
+]
+
+RECIPES = ["dapo", "dapo_cpu", "grpo", "grpo_cpu"]
+
+
+def test_available_recipes():
+    assert available_recipes() == RECIPES
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_composes(compose_recipe, recipe):
+    cfg = compose_recipe(recipe)
+    actor = cfg.actor_rollout_ref.actor
+    assert cfg.algorithm.adv_estimator == "grpo"
+    assert actor.strategy == "fsdp2" and cfg.actor_rollout_ref.ref.strategy == "fsdp2"
+    assert actor.loss_agg_mode == "token-mean"
+    assert cfg.longact.enable is True and cfg.longact.ratio == 0.3
+    assert cfg.longact.policy == "topk" and cfg.longact.granularity == "channel"
+    assert cfg.trainer.experiment_name == ("grpo" if recipe == "grpo_cpu" else recipe)
+    dapo = recipe.startswith("dapo")
+    if dapo:
+        assert actor.clip_ratio_low == 0.2 and actor.clip_ratio_high == 0.28
+        assert actor.use_kl_loss is False
+        assert cfg.algorithm.filter_groups.enable is True
+        assert cfg.reward.reward_manager.name == "dapo"
+        assert cfg.reward.reward_kwargs.max_resp_len == cfg.data.max_response_length
+    else:
+        assert actor.use_kl_loss is True and actor.kl_loss_type == "low_var_kl"
+        assert cfg.algorithm.filter_groups.enable is False
+    if recipe.endswith("_cpu"):
+        assert cfg.actor_rollout_ref.rollout.name == "hf"
+        assert cfg.trainer.n_gpus_per_node == 2
+        assert cfg.ray_kwargs.ray_init.num_gpus == cfg.trainer.n_gpus_per_node
+        assert cfg.trainer.device == "cpu"
+        assert actor.fsdp_config.dtype == "float32"
+        assert cfg.actor_rollout_ref.rollout.tensor_model_parallel_size == 1
+    else:
+        assert cfg.actor_rollout_ref.rollout.name == "vllm"
+        assert cfg.trainer.n_gpus_per_node == 8
+    if recipe == "dapo_cpu":
+        assert cfg.reward.reward_kwargs.overlong_buffer_cfg.len == 4
+
+
+def test_cpu_recipe_ray_gpus_follow_ranks(compose_recipe):
+    cfg = compose_recipe("grpo_cpu", ["trainer.n_gpus_per_node=3"])
+    assert cfg.ray_kwargs.ray_init.num_gpus == 3
+
+
+def test_hydra_argv():
+    assert hydra_argv(["recipe=dapo", "longact.ratio=0.2"]) == [
+        "--config-name",
+        "dapo",
+        SEARCH_PATH,
+        "longact.ratio=0.2",
+    ]
+    default = hydra_argv([])[1]
+    assert default in ("grpo", "grpo_cpu")
+    with pytest.raises(ConfigError) as e:
+        hydra_argv(["recipe=nope", "x=1"])
+    assert str(e.value) == "unknown recipe 'nope'; available: dapo, dapo_cpu, grpo, grpo_cpu"
+
+
+def test_console_script_rejects_unknown_recipe():
+    script = Path(sys.executable).parent / "longact-train"
+    if not script.exists():
+        pytest.skip("longact-train console script not installed next to this python")
+    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:1")  # would fail loudly if Ray were used
+    proc = subprocess.run(
+        [str(script), "recipe=nope", "longact.ratio=0.2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "longact-train: error: unknown recipe 'nope'; available: dapo, dapo_cpu, grpo, grpo_cpu"
+    )
+    assert "Traceback" not in proc.stderr
+    assert "ray" not in (proc.stdout + proc.stderr).lower()

@@ -1,0 +1,18 @@
+"""Fixtures for the verl plugin tests: the xxs tiny model, written once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_xxs(tmp_path_factory) -> Path:
+    """The xxs tiny model (seed 0), shared with other test folders of the session."""
+    from longact.models.tiny import write_tiny_model
+
+    out = tmp_path_factory.getbasetemp() / "shared_tiny_xxs_seed0"
+    if not (out / "longact_tiny.json").exists():
+        write_tiny_model(out, size="xxs", seed=0)
+    return out
