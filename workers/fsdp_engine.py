@@ -61,7 +61,8 @@ def engine_class():
             super().initialize()
             cfg = config_from_env()
             if cfg is not None and not self.engine_config.forward_only:
-                self.longact = LongActRuntime(self.module, self.optimizer, cfg)
+                path = getattr(self.model_config, "local_path", None) or self.model_config.path
+                self.longact = LongActRuntime(self.module, self.optimizer, cfg, model_path=path)
 
         def optimizer_step(self):
             if self.longact is None:

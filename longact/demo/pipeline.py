@@ -73,12 +73,21 @@ def stage_data(cfg: dict, model_dir: Path, out: Path) -> dict:
     return {"sft_rows": len(sft), "rl_train_rows": rl["train_samples"]}
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _sft_command(cfg: dict, model_dir: Path, data: Path, ckpt: Path) -> list[str]:
     sft = cfg["sft"]
     cfg_dir = resources.files("longact.hydra_configs")
     return [
         sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={sft['ranks']}", "--master_addr=127.0.0.1", "--master_port=0",
+        f"--nproc_per_node={sft['ranks']}", "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
         "-m", "verl.trainer.sft_trainer",
         f"--config-path={cfg_dir}", "--config-name=sft_warmup_cpu",
         "hydra.searchpath=[pkg://verl.trainer.config]",
@@ -175,10 +184,10 @@ def stage_inspect(cfg: dict, sft_model: Path, rl_model: Path, data: Path, out: P
     sft = inspect_model(sft_model, data, **kw)
     rl = inspect_model(rl_model, data, **kw)
     plot_heatmaps(sft, out / "heatmaps_sft.png")
-    both = compare_results(sft, rl)
-    plot_compare(both, out / "compare_sft_rl.png")
-    (out / "inspect.json").write_text(json.dumps(both, indent=1, default=str))
-    return {"sft_overall": sft.get("overall"), "jaccard_sft_rl": both["compare"].get("means")}
+    compare = compare_results(sft, rl)  # also stored as sft["compare"]
+    plot_compare(sft, out / "compare_sft_rl.png")
+    (out / "inspect.json").write_text(json.dumps(sft, indent=1, default=str))
+    return {"sft_overall": sft.get("overall"), "jaccard_sft_rl": compare["jaccard_mean"]}
 
 
 # ---- driver ----------------------------------------------------------------------------

@@ -15,6 +15,15 @@ actor shared by all ranks of a run. Protocol, once per refresh:
 
 The coordinator's state (running statistics, masks, version, refresh history) is what
 a checkpoint stores (``state_dict``) and what resume restores (``load_state_dict``).
+
+Wire cost (Qwen3-8B: 36 layers x (4096 + 1024) channels). A ``QKStats.state_dict()``
+holds 4 tensors per key (288 here) and Ray pickles each separately (~35 ms per rank on
+a CPU core); the flat form from :func:`stats_payload` (``QKStats.to_flat``: two float64
+tensors, the same numbers) costs ~1 ms. ``submit`` accepts both. Partials that cover
+exactly the coordinator's layout are merged in place into one flat buffer per refresh
+(same additions in the same order as ``QKStats.merge``, so bit-identical); others take the
+generic merge. The published mask dict is packed into one buffer when pickled and
+unpacks into the usual ``{"3.q": bool tensor}`` dict (see :class:`PackedTensors`).
 """
 
 from __future__ import annotations
@@ -23,11 +32,52 @@ import asyncio
 import time
 from typing import Any
 
-from longact.core.adapters import QKLayout
+import torch
+
+from longact.core.adapters import QKLayout, key_str
 from longact.core.masks import MaskSet, build_masks
 from longact.core.stats import QKStats, ema
 
 ACTOR_PREFIX = "longact_coordinator_"
+FLAT_FORMAT = "flat"
+
+
+def stats_payload(stats: QKStats) -> dict[str, Any]:
+    """The cheap wire form of one rank's statistics for ``exchange``/``submit``:
+    ``{"format": "flat", "keys": ["0.k", "0.q", ...], "sums": (..,) f64, "maxes": (..,) f64}``
+    with ``sums``/``maxes`` from ``QKStats.to_flat`` (CPU)."""
+    sums, maxes = stats.to_flat("cpu")
+    return {
+        "format": FLAT_FORMAT,
+        "keys": [key_str(k) for k in stats.keys()],
+        "sums": sums,
+        "maxes": maxes,
+    }
+
+
+def _unpack_tensors(names: list[str], sizes: list[int], flat: Any) -> dict[str, torch.Tensor]:
+    t = torch.from_numpy(flat.copy())  # the pickled buffer may be read-only
+    return {n: p.clone() for n, p in zip(names, torch.split(t, sizes))}
+
+
+class PackedTensors(dict):
+    """A dict of 1-D CPU tensors of one dtype that pickles as a single numpy buffer and
+    unpickles as a plain ``dict`` of tensors (Ray pickles each tensor separately: ~0.1 ms
+    apiece, paid once per rank that receives the published masks)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__(tensors)
+        names = list(self)
+        self._packed = (
+            names,
+            [int(self[n].numel()) for n in names],
+            torch.cat([self[n].reshape(-1) for n in names]).numpy() if names else None,
+        )
+
+    def __reduce__(self):
+        if self._packed[2] is None:
+            return (dict, (dict(self),))
+        return (_unpack_tensors, self._packed)
 
 
 class SaliencyCoordinator:
@@ -60,14 +110,50 @@ class SaliencyCoordinator:
         slot = self._pending.setdefault(step, {"ranks": set(), "stats": None, "t0": time.time()})
         if rank in slot["ranks"]:
             raise ValueError(f"rank {rank} sent statistics for step {step} twice")
-        part = QKStats.from_state_dict(stats_state)
-        slot["stats"] = part if slot["stats"] is None else slot["stats"].merge(part)
+        slot["stats"] = self._merge(slot["stats"], self._partial(stats_state))
         slot["ranks"].add(rank)
         if len(slot["ranks"]) < self.world_size:
             return False
         del self._pending[step]
-        self._publish(step, slot["stats"], slot["t0"])
+        acc = slot["stats"]
+        window = QKStats.from_flat(self._flat_layout, *acc) if isinstance(acc, tuple) else acc
+        self._publish(step, window, slot["t0"])
         return True
+
+    @property
+    def _flat_layout(self) -> list[tuple[tuple[int, str], int]]:
+        """(key, channels) in ``QKStats.to_flat`` order (sorted keys) for this layout."""
+        return sorted(self.layout.row_counts().items())
+
+    def _partial(self, stats_state: dict[str, Any]) -> tuple | QKStats:
+        """A rank's partial as flat (sums, maxes) when it covers exactly the layout."""
+        flat_layout = self._flat_layout
+        if stats_state.get("format") == FLAT_FORMAT:
+            keys = [key_str(k) for k, _ in flat_layout]
+            if list(stats_state["keys"]) != keys:
+                raise ValueError("flat statistics do not cover the coordinator's layout")
+            sums = torch.as_tensor(stats_state["sums"], dtype=torch.float64)
+            maxes = torch.as_tensor(stats_state["maxes"], dtype=torch.float64)
+            rows = sum(c for _, c in flat_layout)
+            if sums.shape != (len(keys) + 2 * rows,) or maxes.shape != (rows,):
+                raise ValueError("flat statistics do not match the coordinator's layout")
+            return sums, maxes
+        part = QKStats.from_state_dict(stats_state)
+        return part.to_flat("cpu") if part.layout() == flat_layout else part
+
+    def _merge(self, acc: tuple | QKStats | None, part: tuple | QKStats) -> tuple | QKStats:
+        """Exact merge; flat partials are added in place (no per-rank allocation)."""
+        if acc is None:
+            if isinstance(part, tuple):
+                return part[0].clone(), part[1].clone()
+            return part
+        if isinstance(acc, tuple) and isinstance(part, tuple):
+            acc[0].add_(part[0])
+            torch.maximum(acc[1], part[1], out=acc[1])
+            return acc
+        flat = self._flat_layout
+        a = QKStats.from_flat(flat, *acc) if isinstance(acc, tuple) else acc
+        return a.merge(QKStats.from_flat(flat, *part) if isinstance(part, tuple) else part)
 
     def get(self, step: int) -> dict[str, Any] | None:
         """The payload published for the refresh at ``step`` (None while incomplete)."""
@@ -85,7 +171,7 @@ class SaliencyCoordinator:
         """The masks in force (after a resume: the restored ones)."""
         if self.masks is None:
             return None
-        return {"version": self.version, "masks": self.masks.state_dict(), "metrics": {}}
+        return {"version": self.version, "masks": _packed(self.masks), "metrics": {}}
 
     # ---- refresh -------------------------------------------------------------------------
     def _publish(self, step: int, window: QKStats, t0: float) -> None:
@@ -108,7 +194,7 @@ class SaliencyCoordinator:
         self.masks = new
         record = {"version": self.version, "step": step, "metrics": metrics}
         self.history.append(record)
-        self._done[step] = {"version": self.version, "masks": new.state_dict(), "metrics": metrics}
+        self._done[step] = {"version": self.version, "masks": _packed(new), "metrics": metrics}
         # keep only the latest payloads: ranks of one refresh all read before the next
         for old in sorted(self._done)[:-4]:
             self._done.pop(old, None)
@@ -152,6 +238,13 @@ class SaliencyCoordinator:
 
     def summary(self) -> dict[str, Any]:
         return {"version": self.version, "refreshes": len(self.history)}
+
+
+def _packed(masks: MaskSet) -> dict[str, Any]:
+    """``masks.state_dict()`` with the mask tensors in a PackedTensors (cheap to pickle)."""
+    sd = masks.state_dict()
+    sd["masks"] = PackedTensors(sd["masks"])
+    return sd
 
 
 def get_or_create(run_id: str, config: dict, layout: QKLayout, world_size: int):

@@ -15,7 +15,10 @@
 
 Optimizer steps are counted here, so ``refresh_interval`` is in optimizer steps (verl
 runs one per PPO mini-batch). Without calibration, the first mask is chosen at optimizer
-step 1 from the statistics of step 1's own forwards, before that step is applied.
+step 1 from the statistics of step 1's own forwards, before that step is applied. With
+``calibration.enable`` (the paper's profile-first mode) it is chosen before step 1 from
+a pass over calibration prompts, and the next refresh comes ``refresh_interval`` steps
+later.
 """
 
 from __future__ import annotations
@@ -49,7 +52,13 @@ def config_from_env() -> dict[str, Any] | None:
 class LongActRuntime:
     """Statistics, mask refreshes and exact sparse steps for one rank."""
 
-    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: dict):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: dict,
+        model_path: str | None = None,
+    ):
         import torch.distributed as dist
 
         self.cfg = cfg
@@ -68,6 +77,66 @@ class LongActRuntime:
         self._coordinator = None
         self._pending_metrics: dict[str, float] = {}
         self.timings = {"refresh_s": 0.0, "mask_s": 0.0}
+        cal = cfg.get("calibration") or {}
+        if cal.get("enable"):
+            self.calibrate(model_path, cal)
+
+    # ---- calibration (profile-first mode) -------------------------------------------------
+    @torch.no_grad()
+    def calibrate(self, model_path: str | None, cal: dict) -> None:
+        """Choose the first mask from forwards over calibration prompts, before step 1.
+
+        Each rank runs its share of the prompts (every rank the same number of batches:
+        FSDP's forward is collective); the coordinator merges them as for any refresh and
+        publishes version 1, in force from optimizer step 1.
+        """
+        import pandas as pd
+        from transformers import AutoTokenizer
+
+        if not model_path:
+            raise ValueError("calibration needs the model path to load its tokenizer")
+        tok = AutoTokenizer.from_pretrained(model_path)
+        prompts = list(pd.read_parquet(cal["data"])["prompt"])[: int(cal.get("num_samples", 32))]
+        if not prompts:
+            raise ValueError(f"calibration data {cal['data']} has no prompts")
+        mine = prompts[self.rank :: self.world_size]
+        bs = int(cal.get("batch_size", 4))
+        n_batches = -(-len(prompts[0 :: self.world_size]) // bs)  # rank 0 has the most
+        device = next(self.module.parameters()).device
+        capture = QKCapture(self.module, self.adapter, self.capture.point, during_no_grad=True)
+        self.capture.detach()
+        was_training = self.module.training
+        self.module.eval()
+        with capture:
+            for b in range(n_batches):
+                chunk = mine[b * bs : (b + 1) * bs]
+                batch = chunk or prompts[:1]  # a rank out of prompts still runs the forward
+                ids = [
+                    tok.apply_chat_template(
+                        [dict(m) for m in p], add_generation_prompt=True, tokenize=True
+                    )
+                    for p in batch
+                ]
+                ids = [list(x["input_ids"]) if not isinstance(x, list) else x for x in ids]
+                width = max(len(x) for x in ids)
+                pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+                input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(ids), width), dtype=torch.long)
+                for i, x in enumerate(ids):
+                    input_ids[i, : len(x)] = torch.tensor(x)
+                    mask[i, : len(x)] = 1
+                # ... but counts nothing from such a filler batch
+                capture.set_token_mask(None if chunk else torch.zeros_like(mask, dtype=torch.bool))
+                self.module(input_ids=input_ids.to(device), attention_mask=mask.to(device))
+        self.module.train(was_training)
+        self.capture.attach()
+        import ray
+
+        stats = capture.take()
+        payload = ray.get(self.coordinator.exchange.remote(self.rank, 0, stats.state_dict()))
+        self._install(payload)
+        self.last_refresh = 0
+        self._pending_metrics.update(payload["metrics"])
 
     # ---- coordinator --------------------------------------------------------------------
     @property

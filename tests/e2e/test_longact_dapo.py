@@ -1,8 +1,10 @@
 """LongAct through ``longact-train`` with the DAPO recipe on the CPU (v1 trainer).
 
-3 steps, 2 FSDP2 ranks, dynamic sampling on, a mask refresh every 2 optimizer steps
-(steps 1 and 3). Each step's frozen W_Q / W_K rows are bit-identical across that step,
-trainable rows and every other parameter changed, and the mask version advanced 1, 1, 2.
+3 steps, 2 FSDP2 ranks, dynamic sampling on, the profile-first calibration pass (the first
+mask, version 1, comes from calibration prompts before step 1) and a refresh every 2
+optimizer steps (step 2). Each step's frozen W_Q / W_K rows are bit-identical across that
+step, trainable rows and every other parameter changed, and the mask version in force
+was 1, 2, 2.
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ def test_dapo_dynamic_sampling_exact_masks(tmp_path, tiny_dir, rl_data):
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
         "longact.refresh_interval=2",
         "longact.granularity=rope_pair",
+        "longact.calibration.enable=true",
+        f"longact.calibration.data={rl_data['val']}",
+        "longact.calibration.num_samples=6",
+        "longact.calibration.batch_size=2",
     ]
     text = run(cmd, tmp_path / "dapo.log")
     metrics = step_metrics(text)
@@ -42,7 +48,7 @@ def test_dapo_dynamic_sampling_exact_masks(tmp_path, tiny_dir, rl_data):
     # (toy_reward gives even-indexed prompts no signal, so some groups are always dropped)
     evicted = [metrics[s].get("training/filter_groups/evicted_samples", 0) for s in metrics]
     assert sum(evicted) > 0, evicted
-    assert [metrics[s]["actor/longact/mask_version"] for s in (1, 2, 3)] == [1.0, 1.0, 2.0]
+    assert [metrics[s]["actor/longact/mask_version"] for s in (1, 2, 3)] == [1.0, 2.0, 2.0]
     prev = load_weights(tiny_dir / "model.safetensors")
     for step in (1, 2, 3):
         masks, _ = masks_at(ckpt, step)
