@@ -55,7 +55,9 @@ QUICK = {
 def data_gen_figure(n: int = 500, length: int = 4096, log=print) -> dict[str, Any]:
     """bench/data_gen.py (another benchmark of this repo) as an extra figure."""
     cmd = [sys.executable, "-m", "bench.data_gen", "--n", str(n), "--length", str(length)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip()
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=root).stdout
+    out = out.strip()
     log("  " + out)
     m = re.search(r"in ([0-9.]+) s", out)
     seconds = float(m.group(1)) if m else float("nan")

@@ -18,20 +18,25 @@ a checkpoint stores (``state_dict``) and what resume restores (``load_state_dict
 
 Wire cost (Qwen3-8B: 36 layers x (4096 + 1024) channels). A ``QKStats.state_dict()``
 holds 4 tensors per key (288 here) and Ray pickles each separately (~35 ms per rank on
-a CPU core); the flat form from :func:`stats_payload` (``QKStats.to_flat``: two float64
-tensors, the same numbers) costs ~1 ms. ``submit`` accepts both. Partials that cover
-exactly the coordinator's layout are merged in place into one flat buffer per refresh
-(same additions in the same order as ``QKStats.merge``, so bit-identical); others take the
-generic merge. The published mask dict is packed into one buffer when pickled and
-unpacks into the usual ``{"3.q": bool tensor}`` dict (see :class:`PackedTensors`).
+a CPU core, paid again to unpickle); the flat form from :func:`stats_payload` (the two
+float64 vectors of ``QKStats.to_flat`` as numpy arrays, the same numbers, which Ray ships
+out-of-band: one copy into the object store, zero-copy reads) costs ~1 ms. ``submit``
+accepts both. Partials that cover exactly the coordinator's layout are merged in place
+into one flat buffer per refresh (the same additions in the same order as
+``QKStats.merge``, so bit-identical); others take the generic merge. The published mask
+dict pickles as one bit-packed buffer (1/8 byte per row, small enough for Ray to inline
+in each reply) and unpickles as the usual ``{"3.q": bool tensor}`` dict
+(:class:`PackedMasks`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from longact.core.adapters import QKLayout, key_str
@@ -44,40 +49,48 @@ FLAT_FORMAT = "flat"
 
 def stats_payload(stats: QKStats) -> dict[str, Any]:
     """The cheap wire form of one rank's statistics for ``exchange``/``submit``:
-    ``{"format": "flat", "keys": ["0.k", "0.q", ...], "sums": (..,) f64, "maxes": (..,) f64}``
-    with ``sums``/``maxes`` from ``QKStats.to_flat`` (CPU)."""
+    ``{"format": "flat", "keys": ["0.k", "0.q", ...], "sums": (..,), "maxes": (..,)}``,
+    float64 numpy arrays from ``QKStats.to_flat`` (torch tensors are accepted too)."""
     sums, maxes = stats.to_flat("cpu")
     return {
         "format": FLAT_FORMAT,
         "keys": [key_str(k) for k in stats.keys()],
-        "sums": sums,
-        "maxes": maxes,
+        "sums": sums.numpy(),
+        "maxes": maxes.numpy(),
     }
 
 
-def _unpack_tensors(names: list[str], sizes: list[int], flat: Any) -> dict[str, torch.Tensor]:
-    t = torch.from_numpy(flat.copy())  # the pickled buffer may be read-only
-    return {n: p.clone() for n, p in zip(names, torch.split(t, sizes))}
+def _as_float64(x: Any) -> torch.Tensor:
+    """A float64 tensor over x (no copy for float64 numpy arrays, even read-only ones
+    out of Ray's object store: they are only read)."""
+    if isinstance(x, np.ndarray):
+        with warnings.catch_warnings():  # "not writable": we never write to it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.as_tensor(x, dtype=torch.float64)
+    return torch.as_tensor(x, dtype=torch.float64)
 
 
-class PackedTensors(dict):
-    """A dict of 1-D CPU tensors of one dtype that pickles as a single numpy buffer and
-    unpickles as a plain ``dict`` of tensors (Ray pickles each tensor separately: ~0.1 ms
-    apiece, paid once per rank that receives the published masks)."""
+def _unpack_masks(names: list[str], sizes: list[int], bits: np.ndarray) -> dict:
+    flat = torch.from_numpy(np.unpackbits(bits, count=sum(sizes)).astype(bool))
+    return {n: p.clone() for n, p in zip(names, torch.split(flat, sizes))}
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        super().__init__(tensors)
+
+class PackedMasks(dict):
+    """``{name: 1-D bool tensor}`` that pickles as one bit-packed numpy buffer and
+    unpickles as a plain dict of bool tensors (Ray would pickle each tensor separately,
+    ~0.1 ms apiece, once for every rank that receives the published masks)."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]):
+        super().__init__(masks)
         names = list(self)
-        self._packed = (
-            names,
-            [int(self[n].numel()) for n in names],
-            torch.cat([self[n].reshape(-1) for n in names]).numpy() if names else None,
-        )
+        flat = torch.cat([self[n].reshape(-1).to(torch.bool) for n in names]) if names else None
+        sizes = [int(self[n].numel()) for n in names]
+        self._packed = (names, sizes, None if flat is None else np.packbits(flat.numpy()))
 
     def __reduce__(self):
         if self._packed[2] is None:
             return (dict, (dict(self),))
-        return (_unpack_tensors, self._packed)
+        return (_unpack_masks, self._packed)
 
 
 class SaliencyCoordinator:
@@ -132,8 +145,7 @@ class SaliencyCoordinator:
             keys = [key_str(k) for k, _ in flat_layout]
             if list(stats_state["keys"]) != keys:
                 raise ValueError("flat statistics do not cover the coordinator's layout")
-            sums = torch.as_tensor(stats_state["sums"], dtype=torch.float64)
-            maxes = torch.as_tensor(stats_state["maxes"], dtype=torch.float64)
+            sums, maxes = _as_float64(stats_state["sums"]), _as_float64(stats_state["maxes"])
             rows = sum(c for _, c in flat_layout)
             if sums.shape != (len(keys) + 2 * rows,) or maxes.shape != (rows,):
                 raise ValueError("flat statistics do not match the coordinator's layout")
@@ -241,9 +253,9 @@ class SaliencyCoordinator:
 
 
 def _packed(masks: MaskSet) -> dict[str, Any]:
-    """``masks.state_dict()`` with the mask tensors in a PackedTensors (cheap to pickle)."""
+    """``masks.state_dict()`` with the mask tensors in a PackedMasks (cheap to pickle)."""
     sd = masks.state_dict()
-    sd["masks"] = PackedTensors(sd["masks"])
+    sd["masks"] = PackedMasks(sd["masks"])
     return sd
 
 

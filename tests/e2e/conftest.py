@@ -15,10 +15,8 @@ sys.path.insert(0, str(Path(__file__).parent))  # e2e_utils, toy_reward
 
 
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory) -> Path:
-    from longact.models.tiny import write_tiny_model
-
-    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "xxs", size="xxs", seed=0)
+def tiny_dir(tiny_xxs) -> Path:
+    return tiny_xxs
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ def env() -> dict[str, str]:
     e = dict(os.environ)
     e.setdefault("PYTHONWARNINGS", "ignore")
     e["RAY_DEDUP_LOGS"] = "0"
+    e["PYTHONUNBUFFERED"] = "1"  # metric lines reach the log as they are printed
     e["WANDB_MODE"] = "offline"
     e.pop("RAY_ADDRESS", None)  # always a fresh local cluster
     return e

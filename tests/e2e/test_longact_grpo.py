@@ -73,7 +73,8 @@ def killed_run(tmp_path_factory, tiny_dir, rl_data):
         )
         deadline = time.time() + 600
         try:
-            while _latest(ckpt) < 3:
+            # the step-3 checkpoint is complete and step 3's metrics line was printed
+            while _latest(ckpt) < 3 or "step:3 - " not in log.read_text(errors="replace"):
                 if proc.poll() is not None:
                     pytest.fail(f"run ended early ({proc.returncode}):\n{log.read_text()[-5000:]}")
                 if time.time() > deadline:

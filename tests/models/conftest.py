@@ -1,21 +1,8 @@
-"""Fixtures for the tiny-model tests: one xxs model directory per session."""
+"""Fixtures for the tiny-model tests (the xxs model itself comes from tests/conftest.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
-
-@pytest.fixture(scope="session")
-def tiny_xxs(tmp_path_factory) -> Path:
-    """The xxs tiny model (seed 0), written once and shared with other test folders."""
-    from longact.models.tiny import write_tiny_model
-
-    out = tmp_path_factory.getbasetemp() / "shared_tiny_xxs_seed0"
-    if not (out / "longact_tiny.json").exists():
-        write_tiny_model(out, size="xxs", seed=0)
-    return out
 
 
 @pytest.fixture(scope="session")

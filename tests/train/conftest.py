@@ -76,17 +76,6 @@ def model_dir(tmp_path_factory) -> Path:
     return write_model_dir(tmp_path_factory.mktemp("model") / "qwen3")
 
 
-@pytest.fixture(scope="session")
-def tiny_xxs(tmp_path_factory) -> Path:
-    """The xxs tiny model (seed 0), shared with other test folders of the session."""
-    from longact.models.tiny import write_tiny_model
-
-    out = tmp_path_factory.getbasetemp() / "shared_tiny_xxs_seed0"
-    if not (out / "longact_tiny.json").exists():
-        write_tiny_model(out, size="xxs", seed=0)
-    return out
-
-
 @pytest.fixture
 def make_model_dir(tmp_path):
     return lambda name, **kw: write_model_dir(tmp_path / name, **kw)

@@ -1,4 +1,5 @@
-"""Fixtures for the verl plugin tests: the xxs tiny model, written once per session."""
+"""Session-wide fixtures shared by every test folder: tiny models are built, never
+downloaded."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_xxs(tmp_path_factory) -> Path:
-    """The xxs tiny model (seed 0), shared with other test folders of the session."""
+    """The xxs tiny Qwen3 (seed 0) with its offline tokenizer, written once per session."""
     from longact.models.tiny import write_tiny_model
 
     out = tmp_path_factory.getbasetemp() / "shared_tiny_xxs_seed0"
