@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes; skips step_time")
     p.add_argument("--only", default="", help=f"comma list of {', '.join(FIGURES)}")
     p.add_argument("--budget-s", type=float, default=570.0, help="whole-run time budget")
-    p.add_argument("--steps", type=int, default=6, help="training steps per step-time run")
+    p.add_argument("--steps", type=int, default=8, help="training steps per step-time run")
     p.add_argument("--pairs", type=int, default=2, help="most on/off run pairs (step time)")
     p.add_argument("--capture-lens", default="2048", help="sequence lengths, e.g. 2048,4096")
     p.add_argument("--capture-reps", type=int, default=5)

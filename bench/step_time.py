@@ -105,7 +105,7 @@ def one_run(data: dict, run_dir: Path, arm: str, steps: int, extra: list[str], l
 
 
 def run(
-    steps: int = 6,
+    steps: int = 8,
     max_pairs: int = 2,
     deadline: float | None = None,
     workdir: Path | None = None,

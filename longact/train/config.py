@@ -123,13 +123,35 @@ def available_recipes() -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
+def _check_hub_model(model_id: str, longact: LongActConfig) -> None:
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(model_id)
+    except Exception as e:
+        reason = str(e).strip().splitlines()[0][:200]
+        raise ConfigError(
+            f"model directory {model_id!r} does not exist, and no hub model of that id could "
+            f"be fetched ({type(e).__name__}: {reason})"
+        ) from None
+    if longact.enable and longact.policy != "full":
+        from longact.core.adapters import ADAPTERS
+
+        if cfg.model_type not in ADAPTERS:
+            raise ConfigError(
+                f"LongAct has no q/k adapter for model_type {cfg.model_type!r} ({model_id}); "
+                f"supported: {', '.join(ADAPTERS.names())}; or run with longact.enable=false"
+            )
+
+
 def _check_model_dir(path: str, longact: LongActConfig) -> None:
     if path is None or str(path) in ("", "???"):
         raise ConfigError("actor_rollout_ref.model.path is not set")
     p = Path(str(path)).expanduser()
     if "://" in str(path) or not p.exists():
         if not p.is_absolute() and str(path).count("/") == 1 and not p.exists():
-            # a hub id like Qwen/Qwen3-8B: verl downloads it; nothing to check locally
+            # maybe a hub id like Qwen/Qwen3-8B, which verl downloads: try its config now
+            _check_hub_model(str(path), longact)
             return
         raise ConfigError(f"model directory {str(path)!r} does not exist")
     cfg_file = p / "config.json"
@@ -190,11 +212,42 @@ def _check_platform(config: DictConfig) -> None:
         )
 
 
+def _absolute_paths(config: DictConfig) -> None:
+    """Relative local paths become absolute: Ray workers do not share the shell's cwd."""
+
+    def fix(value):
+        if (
+            isinstance(value, str)
+            and value
+            and "://" not in value
+            and not Path(value).is_absolute()
+        ):
+            p = Path(value).expanduser()
+            if p.exists() or value.startswith((".", "~")):
+                return str(p.resolve())
+        return value
+
+    model = config.actor_rollout_ref.model
+    model.path = fix(model.path)
+    for key in ("train_files", "val_files"):
+        files = config.data.get(key)
+        if isinstance(files, str):
+            config.data[key] = fix(files)
+        elif files is not None:
+            config.data[key] = [fix(f) for f in files]
+    if config.trainer.get("default_local_dir"):
+        d = str(config.trainer.default_local_dir)
+        if not Path(d).is_absolute():
+            config.trainer.default_local_dir = str(Path(d).resolve())
+
+
 def prepare_config(config: DictConfig) -> DictConfig:
     """Validate ``config`` in place and return it (raises ConfigError)."""
     raw = OmegaConf.to_container(config.get("longact") or {}, resolve=True)
     longact = LongActConfig.from_dict(raw)
     _check_platform(config)
+    with open_dict(config):
+        _absolute_paths(config)
     _check_model_dir(config.actor_rollout_ref.model.path, longact)
     with open_dict(config):
         config.longact = OmegaConf.structured(longact)

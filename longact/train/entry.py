@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -77,17 +78,28 @@ def run(config: DictConfig) -> None:
         if runtime_env.get("env_vars") is None:
             runtime_env.env_vars = {}
         runtime_env.env_vars[CONFIG_ENV] = longact_yaml
-    validate_config(
-        config=config,
-        use_reference_policy=need_reference_policy(config),
-        use_critic=need_critic(config),
-    )
+    try:
+        validate_config(
+            config=config,
+            use_reference_policy=need_reference_policy(config),
+            use_critic=need_critic(config),
+        )
+    except Exception as e:  # verl's own checks, reported before any worker starts
+        hint = ""
+        path = str(config.actor_rollout_ref.model.path)
+        if "actor_rollout_ref.model" in str(e) and not Path(path).is_dir():
+            hint = f"model path {path!r} is not a local directory, so it was taken as a hub id: "
+        raise ConfigError(f"{hint}{type(e).__name__}: {e}") from e
     run_ppo(config, task_runner_class=TaskRunnerV1)
 
 
 @hydra.main(config_path="pkg://longact.recipes", config_name="grpo", version_base=None)
 def _hydra_main(config: DictConfig) -> None:
-    run(config)
+    try:
+        run(config)
+    except ConfigError as e:  # Hydra would print a traceback: one clear line instead
+        print(f"longact-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:
@@ -96,11 +108,7 @@ def main() -> None:
     except ConfigError as e:
         print(f"longact-train: error: {e}", file=sys.stderr)
         sys.exit(2)
-    try:
-        _hydra_main()
-    except ConfigError as e:  # raised before any worker starts
-        print(f"longact-train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    _hydra_main()
 
 
 if __name__ == "__main__":
