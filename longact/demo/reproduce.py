@@ -120,7 +120,9 @@ def run(shared: Path, out: Path, cfg: dict) -> dict:
     return results
 
 
-def write_report(results: dict, cfg: dict, out: Path, report: Path, seconds: float) -> None:
+def write_report(
+    results: dict, cfg: dict, out: Path, report: Path, seconds: float, baseline: dict | None = None
+) -> None:
     rep = cfg["reproduce"]
     lengths = rep["eval_lengths"]
     train_len = cfg["rl"]["train_length"]
@@ -141,6 +143,12 @@ def write_report(results: dict, cfg: dict, out: Path, report: Path, seconds: flo
         + " |",
         "|---|" + "---:|" * len(lengths),
     ]
+    if baseline:
+        lines.append(
+            "| warm-up only (before RL) | "
+            + " | ".join(f"{baseline.get(n, float('nan')):.3f}" for n in lengths)
+            + " |"
+        )
     for arm, by_seed in results.items():
         cells = []
         for n in lengths:
@@ -175,6 +183,12 @@ def write_report(results: dict, cfg: dict, out: Path, report: Path, seconds: flo
     _say(summary)
 
 
+def baseline(out: Path) -> dict[int, float]:
+    """Accuracy of the warm-up model by length (the eval_sft stage of the run folder)."""
+    meta = json.loads((Path(out) / "eval_sft" / "stage.json").read_text())
+    return {int(k): v for k, v in meta["result"]["accuracy"].items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m longact.demo.reproduce", description=__doc__.split("\n")[0]
@@ -187,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.overrides)
     t0 = time.time()
     results = run(Path(args.shared).resolve(), Path(args.out).resolve(), cfg)
-    write_report(results, cfg, Path(args.out), Path(args.report), time.time() - t0)
+    write_report(
+        results, cfg, Path(args.out), Path(args.report), time.time() - t0, baseline(Path(args.out))
+    )
     return 0
 
 
