@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8, help="training steps per step-time run")
     p.add_argument("--pairs", type=int, default=2, help="most on/off run pairs (step time)")
     p.add_argument("--capture-lens", default="2048", help="sequence lengths, e.g. 2048,4096")
-    p.add_argument("--capture-reps", type=int, default=5)
+    p.add_argument("--capture-reps", type=int, default=7)
     p.add_argument("--mask-layers", type=int, default=12, help="layers run (scaled to 36)")
     p.add_argument("--ranks", default="2,8,32", help="simulated rank counts")
     p.add_argument("--coord-reps", type=int, default=5)

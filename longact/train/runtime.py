@@ -35,6 +35,7 @@ from longact.core.adapters import get_adapter
 from longact.core.capture import QKCapture
 from longact.core.masks import MaskSet
 from longact.core.sparse_update import RowMaskGuard
+from longact.distributed.coordinator import stats_payload
 
 CONFIG_ENV = "LONGACT_CONFIG"
 STATE_FILE = "longact_state.pt"
@@ -133,7 +134,7 @@ class LongActRuntime:
         import ray
 
         stats = capture.take()
-        payload = ray.get(self.coordinator.exchange.remote(self.rank, 0, stats.state_dict()))
+        payload = ray.get(self.coordinator.exchange.remote(self.rank, 0, stats_payload(stats)))
         self._install(payload)
         self.last_refresh = 0
         self._pending_metrics.update(payload["metrics"])
@@ -159,7 +160,7 @@ class LongActRuntime:
 
         t0 = time.perf_counter()
         stats = self.capture.take()
-        payload = ray.get(self.coordinator.exchange.remote(self.rank, step, stats.state_dict()))
+        payload = ray.get(self.coordinator.exchange.remote(self.rank, step, stats_payload(stats)))
         self._install(payload)
         self.last_refresh = step
         dt = time.perf_counter() - t0
