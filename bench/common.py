@@ -7,16 +7,15 @@ A figure is a plain dict (JSON-ready)::
      "notes": ["..."], "raw": {...}, "seconds": 12.3}
 
 ``summarize`` gives median, min, max and the relative spread ``(max - min) / median``;
-``alternate`` runs its arms in an ABBA order so slow drifts of the machine (other jobs,
-thermal state) hit every arm alike.
+``abba`` orders the runs of two arms A B B A A B ... so slow drifts of the machine (other
+jobs, memory pressure) hit both alike, and ``paired_ratios`` compares back-to-back runs.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +69,12 @@ def ratio(a: dict[str, float], b: dict[str, float]) -> float:
     return a["median"] / b["median"] if b.get("median") else float("nan")
 
 
+def paired_ratios(a: Sequence[float], b: Sequence[float]) -> list[float]:
+    """a[k] / b[k]: with ``abba`` order the k-th samples of two arms ran back to back, so
+    each ratio sees the same machine state (robust to slow drifts of a shared host)."""
+    return [x / y for x, y in zip(a, b) if y]
+
+
 def human_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -102,29 +107,6 @@ def abba(arms: Sequence[str], reps: int) -> list[str]:
     for r in range(reps):
         order += list(arms) if r % 2 == 0 else list(reversed(arms))
     return order
-
-
-def alternate(
-    arms: dict[str, Callable[[], float | None]],
-    reps: int,
-    warmup: int = 1,
-    log: Callable[[str], None] | None = None,
-) -> dict[str, list[float]]:
-    """Time every arm ``reps`` times in ABBA order after ``warmup`` untimed calls of each.
-
-    An arm returns its own measurement (seconds) or None to be timed from outside."""
-    for fn in arms.values():
-        for _ in range(warmup):
-            fn()
-    out: dict[str, list[float]] = {name: [] for name in arms}
-    order = abba(list(arms), reps)
-    for i, name in enumerate(order):
-        t0 = time.perf_counter()
-        got = arms[name]()
-        out[name].append(float(got) if got is not None else time.perf_counter() - t0)
-        if log is not None:
-            log(f"  [{i + 1}/{len(order)}] {name}: {out[name][-1]:.4f} s")
-    return out
 
 
 def figure(name: str, title: str, columns: list[str], **extra: Any) -> dict[str, Any]:

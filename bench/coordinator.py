@@ -15,7 +15,7 @@ does: ``stats.state_dict()`` then ``ray.get(coordinator.exchange.remote(rank, st
   (no serialization, no transport): the coordinator's own compute.
 
 Two payloads, alternating (ABBA) on the same coordinator: ``dict`` =
-``QKStats.state_dict()`` (what ``LongActRuntime`` sends today: 288 tensors at 8B, pickled
+``QKStats.state_dict()`` (what ``LongActRuntime`` sent before: 288 tensors at 8B, pickled
 one by one) and ``flat`` = ``coordinator.stats_payload(stats)`` (the same float64 numbers
 as two tensors, ``QKStats.to_flat``).
 
@@ -63,7 +63,7 @@ def fake_stats(layout: QKLayout, rank: int, tokens: int = 32768) -> QKStats:
 
 
 def wire(stats: QKStats, fmt: str) -> dict[str, Any]:
-    """What a rank sends: ``state_dict()`` (the runtime today) or the flat form."""
+    """What a rank sends: ``state_dict()`` (the old runtime) or the flat form (today's)."""
     if fmt == "dict":
         return stats.state_dict()
     from longact.distributed.coordinator import stats_payload
@@ -351,10 +351,10 @@ def run(
         "in parallel, so these are upper bounds. Latency includes each rank building its "
         "payload, serialization, the merge, mask building, the return to every rank and "
         "MaskSet.from_state_dict on it.",
-        "Payloads: 'state_dict' = QKStats.state_dict() (288 tensors, what "
-        "LongActRuntime._refresh sends today); 'flat' = coordinator.stats_payload(stats) "
-        "(2 tensors from QKStats.to_flat, same float64 numbers; the coordinator accepts "
-        "both, the runtime would need a one-line change to send it).",
+        "Payloads: 'state_dict' = QKStats.state_dict() (288 tensors; what "
+        "LongActRuntime sent before, still accepted); 'flat' = "
+        "coordinator.stats_payload(stats) (the two float64 vectors of QKStats.to_flat as "
+        "numpy arrays, same numbers; what LongActRuntime sends now).",
         "'flat, put in advance': each rank serializes its payload into Ray's object store "
         "(ray.put, timed: 'put') before the clock starts and sends the reference, so the "
         f"{top} serializations do not queue on 2 cores; its goal row adds one rank's put "
