@@ -1,19 +1,24 @@
-"""Figure 2: overhead of LongAct's statistics capture on a training forward (CPU).
+"""Figure 2: overhead of LongAct's statistics capture on a training forward.
 
 A Qwen3 of a larger shape than the tiny models (hidden 1024, 8 layers, 16 heads, 8 kv
 heads, head_dim 64, intermediate 2816; random init, fp32, sdpa attention), batch 1, in
 train mode with grad enabled (capture counts training forwards), forward only (the graph
 is dropped, no backward). Arms, alternating ABBA, each after an untimed warm-up:
 
-- ``hooks_on``: a ``QKCapture`` attached (statistics of q_proj / k_proj outputs,
-  float64 sums over every token, with the attention mask as the token mask, like verl's
-  padded batches);
+- ``hooks_on``: a ``QKCapture`` attached as ``LongActRuntime`` attaches it for the
+  default score (``mean_abs``: token count and float64 sum of |x| per channel of the
+  q_proj / k_proj outputs), with the attention mask as the token mask, like verl's
+  padded batches (on the GPU: no mask, like verl's remove-padding batches);
 - ``hooks_off``: the same model with no hooks.
 
 The vocabulary is small (``vocab`` = 8192) so the LM head does not dilute the overhead:
 the ratio is conservative against a 152k-vocabulary Qwen3. The time spent inside the hooks
 is also measured directly (a ``QKCapture`` subclass timing ``_record``), a figure that is
 far less noisy than the difference of two forwards on a shared 2-core machine.
+
+On CUDA (``device="cuda"``, bf16) every forward ends with a device synchronize, and the
+time in hooks is kernel-launch time only (the kernels run asynchronously), so the
+forward-time ratio is the figure there.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 
 from bench.common import (
     abba,
+    device_label,
     figure,
     fmt_s,
     goal,
@@ -33,8 +39,10 @@ from bench.common import (
     ratio,
     rss_bytes,
     summarize,
+    sync,
 )
 from longact.core.capture import QKCapture
+from longact.distributed.coordinator import payload_fields
 
 SHAPE = {
     "hidden_size": 1024,
@@ -44,20 +52,23 @@ SHAPE = {
     "head_dim": 64,
     "intermediate_size": 2816,
 }
+SHAPE_8B = {  # 4 of Qwen3-8B's 36 decoder layers
+    "hidden_size": 4096,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "intermediate_size": 12288,
+}
 
 
-class TimedCapture(QKCapture):
-    """QKCapture that adds up the seconds spent recording statistics."""
-
-    record_s = 0.0
-
-    def _record(self, key, out):
-        t0 = time.perf_counter()
-        super()._record(key, out)
-        self.record_s += time.perf_counter() - t0
-
-
-def build_model(vocab: int = 8192, shape: dict | None = None, seed: int = 0):
+def build_model(
+    vocab: int = 8192,
+    shape: dict | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     cfg = Qwen3Config(
@@ -68,16 +79,19 @@ def build_model(vocab: int = 8192, shape: dict | None = None, seed: int = 0):
     )
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg).to(torch.float32)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(cfg).to(dtype)
     model.train()
     return model
 
 
-def forward(model, ids: torch.Tensor, mask: torch.Tensor) -> float:
+def forward(model, ids: torch.Tensor, mask: torch.Tensor | None) -> float:
+    sync(ids.device)
     t0 = time.perf_counter()
     with torch.enable_grad():
         out = model(input_ids=ids, attention_mask=mask, use_cache=False)
         out.logits.sum()  # the graph is built, then dropped: no backward
+    sync(ids.device)
     dt = time.perf_counter() - t0
     del out
     return dt
@@ -88,17 +102,23 @@ def run(
     reps: int = 5,
     vocab: int = 8192,
     shape: dict | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    padding_mask: bool = True,
+    name: str = "capture",
     log=print,
 ) -> dict[str, Any]:
     rss0 = rss_bytes()
-    model = build_model(vocab, shape)
+    model = build_model(vocab, shape, device=device, dtype=dtype)
     n_params = sum(p.numel() for p in model.parameters())
     shp = shape or SHAPE
-    cap = TimedCapture(model)
+    fields = payload_fields("mean_abs")  # what LongActRuntime accumulates by default
+    cap = QKCapture(model, fields=fields)
     fig = figure(
-        "capture",
+        name,
         f"2. Capture overhead on a training forward (Qwen3 hidden {shp['hidden_size']}, "
-        f"{shp['num_hidden_layers']} layers, fp32, sdpa, CPU, batch 1)",
+        f"{shp['num_hidden_layers']} layers, {str(dtype).removeprefix('torch.')}, sdpa, "
+        f"{device_label(device)}, batch 1)",
         [
             "seq len",
             "hooks off",
@@ -109,10 +129,13 @@ def run(
         ],
     )
     fig["raw"] = {"n_params": n_params, "shape": shp, "vocab": vocab, "by_len": {}}
+    fig["raw"].update(device=device_label(device), dtype=str(dtype), padding_mask=padding_mask)
     for T in seq_lens:
         g = torch.Generator().manual_seed(T)
-        ids = torch.randint(0, vocab, (1, T), generator=g)
-        mask = torch.ones(1, T, dtype=torch.long)
+        ids = torch.randint(0, vocab, (1, T), generator=g).to(device)
+        # a padded batch's attention mask doubles as the token mask (verl without
+        # remove-padding); None: every token counts (packed / remove-padding inputs)
+        mask = torch.ones(1, T, dtype=torch.long, device=device) if padding_mask else None
 
         def on(ids=ids, mask=mask) -> float:
             cap.attach()

@@ -83,6 +83,23 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
+def sync(device: str | None = None) -> None:
+    """Wait for queued kernels (CUDA) so a wall-clock time covers the work; no-op on CPU."""
+    import torch
+
+    if device is not None and str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def device_label(device: str) -> str:
+    """'CPU' or the CUDA device's name, for figure titles."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return "CPU"
+
+
 def rss_bytes(pid: int | None = None) -> int:
     import psutil
 

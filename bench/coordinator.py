@@ -16,8 +16,10 @@ does: ``stats.state_dict()`` then ``ray.get(coordinator.exchange.remote(rank, st
 
 Two payloads, alternating (ABBA) on the same coordinator: ``dict`` =
 ``QKStats.state_dict()`` (what ``LongActRuntime`` sent before: 288 tensors at 8B, pickled
-one by one) and ``flat`` = ``coordinator.stats_payload(stats)`` (the same float64 numbers
-as two tensors, ``QKStats.to_flat``).
+one by one), ``flat`` = ``coordinator.stats_payload(stats)`` (the same float64 numbers
+as one vector per field, ``QKStats.to_fields``) and ``score`` = the flat form with only
+the fields the default score needs (count and sum_abs, ``payload_fields("mean_abs")``),
+which is what ``LongActRuntime`` sends now.
 
 On 2 cores every sender, the coordinator and Ray's transport share the same CPUs: a real
 cluster sends in parallel from separate hosts, so these latencies are upper bounds.
@@ -44,7 +46,12 @@ from longact.core.stats import ChannelStats, QKStats
 from longact.distributed.coordinator import SaliencyCoordinator
 
 CONFIG = {"ratio": 0.3, "policy": "topk", "score": "mean_abs", "ema": 0.0}
-PAYLOADS = {"dict": "state_dict", "flat": "flat", "flat_put": "flat, put in advance"}
+PAYLOADS = {
+    "dict": "state_dict",
+    "flat": "flat, all 4 fields",
+    "score": "flat, score's fields (runtime)",
+    "flat_put": "flat score's fields, put in advance",
+}
 
 
 def fake_stats(layout: QKLayout, rank: int, tokens: int = 32768) -> QKStats:
@@ -66,8 +73,10 @@ def wire(stats: QKStats, fmt: str) -> dict[str, Any]:
     """What a rank sends: ``state_dict()`` (the old runtime) or the flat form (today's)."""
     if fmt == "dict":
         return stats.state_dict()
-    from longact.distributed.coordinator import stats_payload
+    from longact.distributed.coordinator import payload_fields, stats_payload
 
+    if fmt == "score":  # what LongActRuntime sends for the default score, mean_abs
+        return stats_payload(stats, payload_fields("mean_abs"))
     return stats_payload(stats)
 
 
@@ -132,7 +141,7 @@ class RankGroup:
             put_s, arg = 0.0, None
             if fmt == "flat_put":  # serialize into the object store before the clock starts
                 t0 = time.perf_counter()
-                arg = ray.put(wire(self.stats[r], "flat"))
+                arg = ray.put(wire(self.stats[r], "score"))
                 put_s = time.perf_counter() - t0
             time.sleep(max(0.0, t_start - time.time()))
             t_send = time.time()
@@ -258,7 +267,7 @@ def run(
     procs: int = 8,
     layout: QKLayout | None = None,
     use_ray: bool = True,
-    formats: tuple[str, ...] = ("dict", "flat", "flat_put"),
+    formats: tuple[str, ...] = ("dict", "flat", "score", "flat_put"),
     log=print,
 ) -> dict[str, Any]:
     layout = layout or SHAPES["8B"].layout
@@ -276,7 +285,7 @@ def run(
         ],
     )
     inproc: dict[int, dict[str, Any]] = {}
-    local = [f for f in formats if f != "flat_put"]  # in-process, put == flat
+    local = [f for f in formats if f != "flat_put"]  # in-process, put == score
     for n in rank_counts:
         inproc[n] = {f: inprocess_latency(layout, n, reps, f) for f in local}
         log(
@@ -302,7 +311,7 @@ def run(
                     PAYLOADS[f],
                     lat,
                     fmt_s(r[f]["internal"], "ms", 1000) if r else "not run",
-                    fmt_s(inproc[n][f]["summary"], "ms", 1000) if f in inproc[n] else "= flat",
+                    fmt_s(inproc[n][f]["summary"], "ms", 1000) if f in inproc[n] else "= score",
                     mem,
                 ]
             )
@@ -314,7 +323,7 @@ def run(
             label = f"refresh latency, {top} ranks, {PAYLOADS[f]} payload (ms)"
             if f == "flat_put":  # on a cluster every rank serializes at once, on its host
                 ms += 1000 * viaray[min(rank_counts)][f]["put"]["median"]
-                label = f"refresh latency, {top} ranks, flat, senders in parallel (ms)"
+                label = f"refresh latency, {top} ranks, score's fields, senders in parallel (ms)"
             fig["goals"].append(goal(label, ms, 100.0, "{:.1f}"))
     fig["raw"] = {"inprocess": inproc, "ray": viaray, "layout": layout.__dict__}
     bytes_rows = []
@@ -351,11 +360,12 @@ def run(
         "in parallel, so these are upper bounds. Latency includes each rank building its "
         "payload, serialization, the merge, mask building, the return to every rank and "
         "MaskSet.from_state_dict on it.",
-        "Payloads: 'state_dict' = QKStats.state_dict() (288 tensors; what "
-        "LongActRuntime sent before, still accepted); 'flat' = "
-        "coordinator.stats_payload(stats) (the two float64 vectors of QKStats.to_flat as "
-        "numpy arrays, same numbers; what LongActRuntime sends now).",
-        "'flat, put in advance': each rank serializes its payload into Ray's object store "
+        "Payloads: 'state_dict' = QKStats.state_dict() (288 tensors, still accepted); "
+        "'flat, all 4 fields' = coordinator.stats_payload(stats) (one float64 numpy vector "
+        "per field, same numbers; 4.22 MiB per rank at 8B); 'score's fields' = the flat form "
+        "with count and sum_abs only (payload_fields('mean_abs'), 1.41 MiB per rank; what "
+        "LongActRuntime sends now, the masks are the same).",
+        "'put in advance': each rank serializes its payload into Ray's object store "
         "(ray.put, timed: 'put') before the clock starts and sends the reference, so the "
         f"{top} serializations do not queue on 2 cores; its goal row adds one rank's put "
         f"time measured at {min(rank_counts)} ranks (little contention): what a cluster pays, "

@@ -3,11 +3,18 @@
     python -m bench.run --out docs/bench            # full run (make bench), < 10 min
     python -m bench.run --out /tmp/b --quick        # tiny sizes, seconds, no Ray/verl
     python -m bench.run --out /tmp/b --only capture,memory
+    python -m bench.run --device cuda --out docs/bench/gpu   # figures 1-3 on a GPU
 
 Full runs start Ray and verl and allocate several GB: on a shared machine run them under
 ``flock /tmp/longact-heavy.lock``. Figures run cheapest first; the step-time figure (verl
 training runs, ~2 min each) goes last and fits its number of run pairs to ``--budget-s``;
 ``bench/data_gen.py`` runs as an extra figure if time is left.
+
+``--device cuda`` runs the figures that mean something on a GPU, with GPU sizes: the
+actor-update step of an FSDP2 Qwen3-1.7B shape with LongAct on/off (``train_step``, the
+GPU form of figure 1: verl and Ray are not needed), capture at 4k and 32k tokens in bf16,
+also on 4 decoder layers of Qwen3-8B's shape (``capture_8b``), and the sparse update at
+all 36 layers of Qwen3-8B's q/k.
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ from bench.common import figure, md_table, render
 from longact.core.adapters import QKLayout
 
 FIGURES = ("memory", "mask_apply", "capture", "coordinator", "step_time", "data_gen")
+GPU_FIGURES = ("train_step", "capture", "capture_8b", "mask_apply")
+GPU = {  # defaults with --device cuda
+    "train_step": {},
+    "capture": {"seq_lens": (4096, 32768), "reps": 10, "padding_mask": False},
+    "capture_8b": {"seq_lens": (4096, 32768), "reps": 10, "padding_mask": False},
+    "mask_apply": {"layers": 36, "reps": 8},
+}
 QUICK = {
     "mask_apply": {"layers": 1, "reps": 2, "hidden": 256, "heads": 4, "kv_heads": 2},
     "capture": {
@@ -81,6 +95,16 @@ def data_gen_figure(n: int = 500, length: int = 4096, log=print) -> dict[str, An
 
 def run_figure(name: str, args: argparse.Namespace, deadline: float, log=print) -> dict:
     kw: dict[str, Any] = dict(QUICK.get(name, {})) if args.quick else {}
+    if args.device != "cpu":
+        import torch
+
+        kw.update(GPU.get(name, {}), device=args.device)
+        if name.startswith("capture"):
+            kw["dtype"] = torch.bfloat16
+    if name == "train_step":
+        from bench import train_step
+
+        return train_step.run(log=log, **kw)
     if name == "memory":
         from bench import memory
 
@@ -90,6 +114,10 @@ def run_figure(name: str, args: argparse.Namespace, deadline: float, log=print) 
 
         kw.setdefault("layers", args.mask_layers)
         return mask_apply.run(log=log, **kw)
+    if name == "capture_8b":  # GPU only: 4 decoder layers of Qwen3-8B's shape
+        from bench import capture
+
+        return capture.run(log=log, shape=capture.SHAPE_8B, name=name, **kw)
     if name == "capture":
         from bench import capture
 
@@ -127,9 +155,15 @@ def write(out: Path, figs: list[dict], meta: dict) -> str:
         "# LongAct benchmarks",
         "",
         f"`python -m bench.run {' '.join(meta['argv'])}` on {meta['host']} "
-        f"({meta['cpus']} CPUs, torch {meta['torch']}), {meta['date']}, "
-        f"{meta['seconds']:.0f} s in all. Regenerate: `make bench` (under "
-        "`flock /tmp/longact-heavy.lock` on a shared machine). Raw numbers: `results.json`.",
+        f"({meta['cpus']} CPUs, {meta.get('device', 'cpu')}, torch {meta['torch']}), "
+        f"{meta['date']}, {meta['seconds']:.0f} s in all. "
+        + (
+            "Regenerate: `make bench` (under `flock /tmp/longact-heavy.lock` on a shared machine)."
+            if meta.get("device", "cpu") == "cpu"
+            else "Regenerate on a CUDA machine with LongAct installed: "
+            "`python -m bench.run --device cuda --out docs/bench/gpu`."
+        )
+        + " Raw numbers: `results.json`.",
         "",
         "## Goals",
         "",
@@ -157,14 +191,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mask-layers", type=int, default=12, help="layers run (scaled to 36)")
     p.add_argument("--ranks", default="2,8,32", help="simulated rank counts")
     p.add_argument("--coord-reps", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda[:N] for the GPU figures")
     args = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
+    valid = GPU_FIGURES if args.device != "cpu" else FIGURES
     names = [n for n in args.only.split(",") if n] or [
-        n for n in FIGURES if not (args.quick and n in ("step_time", "data_gen"))
+        n for n in valid if not (args.quick and n in ("step_time", "data_gen"))
     ]
     for n in names:
-        if n not in FIGURES:
-            p.error(f"unknown figure {n!r}; valid: {', '.join(FIGURES)}")
+        if n not in valid:
+            p.error(f"unknown figure {n!r} on {args.device}; valid: {', '.join(valid)}")
+    if args.device != "cpu":
+        import torch
+
+        if not args.device.startswith("cuda") or not torch.cuda.is_available():
+            p.error(f"--device {args.device}: no CUDA device here (valid: cpu, cuda[:N])")
     t0 = time.monotonic()
     deadline = t0 + args.budget_s
     figs: list[dict] = []
@@ -186,6 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {
         "argv": argv,
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device),
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "host": platform.node() or "unknown",
         "cpus": os.cpu_count(),

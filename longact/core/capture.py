@@ -8,6 +8,10 @@ Hooks are removed on exit; the capture object can also be kept attached for a wh
 training run (``attach()`` / ``detach()``), with ``take()`` returning and clearing the
 statistics at each mask refresh.
 
+``fields`` limits which statistics are accumulated (default: all): the training runtime
+asks only for what its score needs (``coordinator.payload_fields``), one reduction per
+hook call instead of three.
+
 Shapes: q_proj output (B, T, n_heads*head_dim); q_norm output (B, T, n_heads, head_dim)
 (Gemma3: (B, n_heads, T, head_dim), see ``ArchAdapter.norm_heads_first``), flattened to
 (B, T, n_heads*head_dim). Statistics are per channel of that last dim.
@@ -29,11 +33,15 @@ replay in backward) and reentrant checkpointing (first forward under no_grad ins
 grad-enabled top-level pass, so judged by the state at model entry; replay in backward).
 Hooks fired outside a top-level forward of ``model`` use the current grad mode and the
 module's training flag.
+
+``record_s`` adds up the host wall-clock seconds spent recording (``pop_record_s()`` reads
+and clears it): the direct cost of capture, as a metric. On CUDA it is kernel-launch time.
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable
 from typing import Any, Self
 
@@ -41,7 +49,7 @@ import torch
 from torch import nn
 
 from longact.core.adapters import ArchAdapter, Key, get_adapter
-from longact.core.stats import QKStats
+from longact.core.stats import FIELDS, QKStats
 
 POINTS = ("proj", "norm")
 
@@ -61,6 +69,7 @@ class QKCapture:
         point: str = "proj",
         token_mask: torch.Tensor | None = None,
         during_no_grad: bool = False,
+        fields: tuple[str, ...] = FIELDS,
     ):
         if point not in POINTS:
             raise ValueError(f"unknown capture point {point!r}; valid: {', '.join(POINTS)}")
@@ -68,6 +77,7 @@ class QKCapture:
         self.adapter = adapter or get_adapter(model)
         self.point = point
         self.during_no_grad = during_no_grad
+        self.fields = tuple(fields)  # statistics accumulated (count always)
         self.layout = self.adapter.layout(model)
         self.layers = self.adapter.layers(model)
         if point == "norm" and any(la.q_norm is None or la.k_norm is None for la in self.layers):
@@ -82,6 +92,7 @@ class QKCapture:
         self._pass_active: bool | None = None  # None: not inside a top-level forward
         self._mask_arg_index = self._find_mask_arg_index(model)
         self._handles: list[Any] = []
+        self.record_s = 0.0  # host seconds spent in _record since the last pop_record_s
 
     # ---- public ----------------------------------------------------------------------
     def set_token_mask(self, mask: torch.Tensor | None) -> None:
@@ -92,6 +103,11 @@ class QKCapture:
         """Return the statistics gathered so far and start from zero."""
         out = self.stats
         self.stats = QKStats.empty(self.layout.row_counts(), self._device)
+        return out
+
+    def pop_record_s(self) -> float:
+        """Seconds spent recording statistics since the last call (then reset to 0)."""
+        out, self.record_s = self.record_s, 0.0
         return out
 
     def attach(self) -> QKCapture:
@@ -154,7 +170,9 @@ class QKCapture:
             if not self._active(module):
                 return
             out = output[0] if isinstance(output, tuple) else output
+            t0 = time.perf_counter()
             self._record(key, out)
+            self.record_s += time.perf_counter() - t0
 
         return hook
 
@@ -171,7 +189,7 @@ class QKCapture:
         mask = self._token_mask if self._token_mask is not None else self._pass_mask
         if mask is not None:
             mask = self._fit_mask(mask, lead)  # (B, T) bool
-        self.stats.update(key, x, mask)
+        self.stats.update(key, x, mask, self.fields)
 
     @staticmethod
     def _fit_mask(mask: torch.Tensor, lead: torch.Size) -> torch.Tensor:

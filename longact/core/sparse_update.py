@@ -30,6 +30,10 @@ results are bit-identical to plain training.
 
 Memory: ``protect`` copies the frozen local rows of each managed parameter and its
 param-shaped state for the duration of the step (AdamW fp32: 3 x frozen elements x 4 B).
+On the CPU (``reuse_buffers=None`` picks it there) those copies go into buffers kept
+between steps: a fresh multi-GB allocation per step is returned to the OS and page-faulted
+back every time, which made the snapshot cost as much as the AdamW step itself (see
+docs/bench). On CUDA the caching allocator already reuses the blocks, so nothing is kept.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ class RowMaskGuard:
         masks: MaskSet,
         adapter: ArchAdapter | None = None,
         reentry: str = "reset",
+        reuse_buffers: bool | None = None,
     ):
         if reentry not in REENTRY:
             raise ValueError(f"unknown reentry policy {reentry!r}; valid: {', '.join(REENTRY)}")
@@ -95,6 +100,10 @@ class RowMaskGuard:
                 f"no q/k projection parameters found in {type(model).__name__} "
                 f"for adapter {self.adapter.model_type!r}"
             )
+        if reuse_buffers is None:
+            reuse_buffers = self.targets[0].param.device.type == "cpu"
+        self.reuse_buffers = reuse_buffers
+        self._buffers: dict[tuple[int, str], torch.Tensor] = {}
         self.masks: MaskSet | None = None
         self.set_masks(masks)
 
@@ -163,19 +172,28 @@ class RowMaskGuard:
         """Frozen rows of params and their optimizer state come out of the block unchanged."""
         saved = []
         with torch.no_grad():
-            for t in self.targets:
+            for i, t in enumerate(self.targets):
                 if not t.frozen.numel():
                     continue
-                p_local = local_tensor(t.param)
                 state = {
-                    k: local_tensor(v).index_select(0, t.frozen)
+                    k: self._rows((i, k), local_tensor(v), t.frozen)
                     for k, v in _state_tensors(optimizer, t.param).items()
                 }
-                saved.append((t, p_local.index_select(0, t.frozen), state))
+                saved.append((t, self._rows((i, ""), local_tensor(t.param), t.frozen), state))
         try:
             yield
         finally:
             self._restore(optimizer, saved)
+
+    def _rows(self, slot: tuple[int, str], src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``src[idx]`` (rows), into a buffer kept for ``slot`` when reusing buffers."""
+        if not self.reuse_buffers:
+            return src.index_select(0, idx)
+        shape = (idx.numel(), *src.shape[1:])
+        buf = self._buffers.get(slot)
+        if buf is None or buf.shape != shape or buf.dtype != src.dtype or buf.device != src.device:
+            buf = self._buffers[slot] = torch.empty(shape, dtype=src.dtype, device=src.device)
+        return torch.index_select(src, 0, idx, out=buf)
 
     @staticmethod
     @torch.no_grad()

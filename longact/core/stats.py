@@ -43,6 +43,25 @@ FIELDS = ("count", "sum_abs", "sum_sq", "max_abs")
 _CHUNK_ELEMS = 1 << 22  # float64 working set per chunk: 32 MiB
 
 
+_BLOCK = 1024  # tokens per float32 partial sum on accelerators
+
+
+def _blocked_sum(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Per-channel sum of |x|^p (p = 1 or 2) of x (N, C) as float64 (C,): float32 norms
+    over blocks of ``_BLOCK`` tokens (one kernel, x read once), float64 across blocks.
+    On an H100, 8x faster than a float64 reduction at 32k tokens x 4096 channels."""
+    n, c = x.shape
+    full = n - n % _BLOCK
+    parts = []
+    if full:  # (full/B, B, C) -> (full/B, C)
+        parts.append(torch.linalg.vector_norm(x[:full].reshape(-1, _BLOCK, c), p, dim=1,
+                                              dtype=torch.float32))  # fmt: skip
+    if full < n:  # the remainder: (1, C)
+        parts.append(torch.linalg.vector_norm(x[full:], p, dim=0, dtype=torch.float32)[None])
+    blocks = (parts[0] if len(parts) == 1 else torch.cat(parts)).double()  # (n_blocks, C)
+    return (blocks if p == 1 else blocks.square()).sum(0)
+
+
 @dataclass
 class ChannelStats:
     """Statistics of one (layer, proj): count () and sum_abs/sum_sq/max_abs (C,), float64."""
@@ -69,12 +88,27 @@ class ChannelStats:
         return self.sum_abs.shape[0]
 
     @torch.no_grad()
-    def update_(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> ChannelStats:
+    def update_(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        fields: Iterable[str] = FIELDS,
+    ) -> ChannelStats:
         """Add the tokens of x (..., C) in place, only those where ``mask`` (...) is True.
 
-        float64 accumulation, chunked over tokens. Masked-out tokens are replaced by zeros
-        (``torch.where``, so even NaN/inf padding is dropped) rather than gathered: no
-        device sync, and as all terms are >= 0 the zeros change no sum and no max."""
+        ``fields``: which of sum_abs / sum_sq / max_abs to accumulate (``count`` always
+        is); the others stay as they are, e.g. zeros when only the score's field is
+        needed. Masked-out tokens are replaced by zeros (``torch.where``, so even NaN/inf
+        padding is dropped) rather than gathered: no device sync, and as all terms are
+        >= 0 the zeros change no sum and no max. Sums are taken in float64.
+
+        Two implementations, chosen by device, each the faster one there (docs/bench):
+        on the CPU, chunks of tokens cast to float64 (``_update_chunked``, exact sums of
+        the float64 values); on accelerators, blocked reductions that read x once in its
+        own dtype (``_update_fused``): float32 sums within blocks of ``_BLOCK`` tokens,
+        float64 across blocks and calls, never a float64 copy of the activations. They
+        agree to ~1e-7 relative (float32 rounding within a block), far below any
+        difference that could reorder channels meaningfully."""
         x = x.detach().reshape(-1, x.shape[-1])  # (N, C)
         if x.shape[1] != self.n_channels:
             raise ValueError(f"activation has {x.shape[1]} channels, stats {self.n_channels}")
@@ -83,16 +117,39 @@ class ChannelStats:
             keep = mask.detach().reshape(-1).to(device=x.device, dtype=torch.bool)  # (N,)
             if keep.shape[0] != x.shape[0]:
                 raise ValueError(f"mask has {keep.shape[0]} tokens, activation {x.shape[0]}")
+        fields = set(fields) - {"count"}
+        if fields - set(FIELDS):
+            raise ValueError(f"unknown statistics fields {sorted(fields - set(FIELDS))}")
+        if x.device.type == "cpu":
+            self._update_chunked(x, keep, fields)
+        else:
+            self._update_fused(x, keep, fields)
+        self.count += x.shape[0] if keep is None else keep.sum()
+        return self
+
+    def _update_chunked(self, x: torch.Tensor, keep: torch.Tensor | None, fields: set) -> None:
         step = max(1, _CHUNK_ELEMS // max(1, x.shape[1]))
         for start in range(0, x.shape[0], step):
             a = x[start : start + step].to(torch.float64).abs_()  # (n, C)
             if keep is not None:
                 a = torch.where(keep[start : start + step, None], a, 0.0)  # NaN-safe
-            self.sum_abs += a.sum(0)
-            self.sum_sq += a.square().sum(0)
-            torch.maximum(self.max_abs, a.amax(0), out=self.max_abs)
-        self.count += x.shape[0] if keep is None else keep.sum()
-        return self
+            if "sum_abs" in fields:
+                self.sum_abs += a.sum(0)
+            if "sum_sq" in fields:
+                self.sum_sq += a.square().sum(0)
+            if "max_abs" in fields:
+                torch.maximum(self.max_abs, a.amax(0), out=self.max_abs)
+
+    def _update_fused(self, x: torch.Tensor, keep: torch.Tensor | None, fields: set) -> None:
+        if keep is not None:
+            x = torch.where(keep[:, None], x, 0)  # (N, C), x's dtype; NaN-safe
+        if "sum_abs" in fields:
+            self.sum_abs += _blocked_sum(x, 1)
+        if "sum_sq" in fields:
+            self.sum_sq += _blocked_sum(x, 2)
+        if "max_abs" in fields:
+            amax = torch.linalg.vector_norm(x, math.inf, dim=0)  # exact in any dtype
+            torch.maximum(self.max_abs, amax.double(), out=self.max_abs)
 
     def merge(self, other: ChannelStats) -> ChannelStats:
         """Exact statistics of the union of both token sets."""
@@ -152,14 +209,20 @@ class QKStats:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def update(self, key: Key, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    def update(
+        self,
+        key: Key,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        fields: Iterable[str] = FIELDS,
+    ) -> None:
         """Add the tokens of x (..., C) [where mask (...) is True] to ``key``
-        (created on x's device if new)."""
+        (created on x's device if new); ``fields`` as in ``ChannelStats.update_``."""
         if key not in self.entries:
             self.entries[key] = ChannelStats.zeros(x.shape[-1], x.device)
         elif self.entries[key].sum_abs.device != x.device:  # e.g. CPU-offloaded params
             self.entries[key] = self.entries[key].to(x.device)
-        self.entries[key].update_(x, mask)
+        self.entries[key].update_(x, mask, fields)
 
     def token_count(self, key: Key) -> float:
         return float(self.entries[key].count) if key in self.entries else 0.0
@@ -245,6 +308,38 @@ class QKStats:
             i, j = i + 1 + 2 * c, j + c
         if i != sums.numel() or j != maxes.numel():
             raise ValueError("flat statistics do not match the layout")
+        return cls(entries)
+
+    def to_fields(self, fields: Iterable[str] = FIELDS) -> dict[str, torch.Tensor]:
+        """Per-field flat float64 CPU vectors in sorted key order: ``count`` (K,) with
+        one entry per key, the others (R,) with every key's channels end to end."""
+        keys, out = self.keys(), {}
+        for f in fields:
+            if f not in FIELDS:
+                raise ValueError(f"unknown statistics field {f!r}; valid: {', '.join(FIELDS)}")
+            parts = [getattr(self.entries[k], f).reshape(-1) for k in keys]
+            out[f] = torch.cat(parts).to("cpu", torch.float64) if parts else torch.zeros(0)
+        return out
+
+    @classmethod
+    def from_fields(
+        cls, layout: Iterable[tuple[Key, int]], flat: Mapping[str, torch.Tensor]
+    ) -> QKStats:
+        """Inverse of :meth:`to_fields` over ``layout`` ((key, channels), sorted keys);
+        fields absent from ``flat`` are zeros."""
+        layout = list(layout)
+        rows = sum(c for _, c in layout)
+        for f, v in flat.items():
+            want = len(layout) if f == "count" else rows
+            if f not in FIELDS or tuple(v.shape) != (want,):
+                raise ValueError(f"field {f!r} of shape {tuple(v.shape)} does not fit the layout")
+        entries, i = {}, 0
+        for j, (key, c) in enumerate(layout):
+            z = ChannelStats.zeros(c)
+            count = flat["count"][j].clone() if "count" in flat else z.count
+            rest = [flat[f][i : i + c].clone() if f in flat else getattr(z, f) for f in FIELDS[1:]]
+            entries[key] = ChannelStats(count, *rest)
+            i += c
         return cls(entries)
 
     def all_reduce(self, group: Any = None, device: Any = None) -> QKStats:

@@ -18,15 +18,18 @@ a checkpoint stores (``state_dict``) and what resume restores (``load_state_dict
 
 Wire cost (Qwen3-8B: 36 layers x (4096 + 1024) channels). A ``QKStats.state_dict()``
 holds 4 tensors per key (288 here) and Ray pickles each separately (~35 ms per rank on
-a CPU core, paid again to unpickle); the flat form from :func:`stats_payload` (the two
-float64 vectors of ``QKStats.to_flat`` as numpy arrays, the same numbers, which Ray ships
-out-of-band: one copy into the object store, zero-copy reads) costs ~1 ms. ``submit``
-accepts both. Partials that cover exactly the coordinator's layout are merged in place
-into one flat buffer per refresh (the same additions in the same order as
-``QKStats.merge``, so bit-identical); others take the generic merge. The published mask
-dict pickles as one bit-packed buffer (1/8 byte per row, small enough for Ray to inline
-in each reply) and unpickles as the usual ``{"3.q": bool tensor}`` dict
-(:class:`PackedMasks`).
+a CPU core, paid again to unpickle). The flat form from :func:`stats_payload` is one
+float64 numpy vector per statistics field (``QKStats.to_fields``), which Ray ships
+out-of-band: one copy into the object store, zero-copy reads. It carries only the fields
+the masks and metrics need (:func:`payload_fields`): ``count`` and ``sum_abs`` always
+(the ``mean_abs`` score and the |x| mass-kept metric), plus ``sum_sq`` for ``rms`` and
+``max_abs`` for ``max_abs``; 1.41 MiB per rank at 8B instead of 4.22 MiB for all four.
+The coordinator's running statistics then hold zeros in the fields nobody sent.
+``submit`` accepts both forms. Flat partials are merged in place into one buffer per
+field (the same additions in the same order as ``QKStats.merge``, so bit-identical);
+others take the generic merge. The published mask dict pickles as one bit-packed buffer
+(1/8 byte per row, small enough for Ray to inline in each reply) and unpickles as the
+usual ``{"3.q": bool tensor}`` dict (:class:`PackedMasks`).
 """
 
 from __future__ import annotations
@@ -41,22 +44,28 @@ import torch
 
 from longact.core.adapters import QKLayout, key_str
 from longact.core.masks import MaskSet, build_masks
-from longact.core.stats import QKStats, ema
+from longact.core.stats import FIELDS, QKStats, ema
 
 ACTOR_PREFIX = "longact_coordinator_"
 FLAT_FORMAT = "flat"
 
 
-def stats_payload(stats: QKStats) -> dict[str, Any]:
+def payload_fields(score: str) -> tuple[str, ...]:
+    """Statistics fields a refresh needs for ``score`` (all of them for a score this
+    module does not know, e.g. one registered by a user)."""
+    extra = {"mean_abs": (), "rms": ("sum_sq",), "max_abs": ("max_abs",)}
+    return ("count", "sum_abs", *extra[score]) if score in extra else FIELDS
+
+
+def stats_payload(stats: QKStats, fields: tuple[str, ...] = FIELDS) -> dict[str, Any]:
     """The cheap wire form of one rank's statistics for ``exchange``/``submit``:
-    ``{"format": "flat", "keys": ["0.k", "0.q", ...], "sums": (..,), "maxes": (..,)}``,
-    float64 numpy arrays from ``QKStats.to_flat`` (torch tensors are accepted too)."""
-    sums, maxes = stats.to_flat("cpu")
+    ``{"format": "flat", "keys": ["0.k", "0.q", ...], "fields": {"count": (K,),
+    "sum_abs": (R,), ...}}``, float64 numpy vectors from ``QKStats.to_fields``
+    (torch tensors are accepted too)."""
     return {
         "format": FLAT_FORMAT,
         "keys": [key_str(k) for k in stats.keys()],
-        "sums": sums.numpy(),
-        "maxes": maxes.numpy(),
+        "fields": {f: v.numpy() for f, v in stats.to_fields(fields).items()},
     }
 
 
@@ -129,43 +138,55 @@ class SaliencyCoordinator:
             return False
         del self._pending[step]
         acc = slot["stats"]
-        window = QKStats.from_flat(self._flat_layout, *acc) if isinstance(acc, tuple) else acc
+        window = QKStats.from_fields(self._flat_layout, acc) if isinstance(acc, dict) else acc
         self._publish(step, window, slot["t0"])
         return True
 
     @property
     def _flat_layout(self) -> list[tuple[tuple[int, str], int]]:
-        """(key, channels) in ``QKStats.to_flat`` order (sorted keys) for this layout."""
+        """(key, channels) in ``QKStats.to_fields`` order (sorted keys) for this layout."""
         return sorted(self.layout.row_counts().items())
 
-    def _partial(self, stats_state: dict[str, Any]) -> tuple | QKStats:
-        """A rank's partial as flat (sums, maxes) when it covers exactly the layout."""
+    def _partial(self, stats_state: dict[str, Any]) -> dict[str, torch.Tensor] | QKStats:
+        """A rank's partial as flat fields when it covers exactly the layout."""
         flat_layout = self._flat_layout
         if stats_state.get("format") == FLAT_FORMAT:
             keys = [key_str(k) for k, _ in flat_layout]
             if list(stats_state["keys"]) != keys:
                 raise ValueError("flat statistics do not cover the coordinator's layout")
-            sums, maxes = _as_float64(stats_state["sums"]), _as_float64(stats_state["maxes"])
+            got = {f: _as_float64(v) for f, v in stats_state["fields"].items()}
             rows = sum(c for _, c in flat_layout)
-            if sums.shape != (len(keys) + 2 * rows,) or maxes.shape != (rows,):
-                raise ValueError("flat statistics do not match the coordinator's layout")
-            return sums, maxes
+            for f, v in got.items():
+                want = len(keys) if f == "count" else rows
+                if f not in FIELDS or tuple(v.shape) != (want,):
+                    raise ValueError(
+                        f"flat statistics field {f!r} of shape {tuple(v.shape)} does not "
+                        f"match the coordinator's layout (valid fields: {', '.join(FIELDS)})"
+                    )
+            if "count" not in got:
+                raise ValueError("flat statistics have no 'count' field")
+            return got
         part = QKStats.from_state_dict(stats_state)
-        return part.to_flat("cpu") if part.layout() == flat_layout else part
+        return part.to_fields() if part.layout() == flat_layout else part
 
-    def _merge(self, acc: tuple | QKStats | None, part: tuple | QKStats) -> tuple | QKStats:
+    def _merge(self, acc: dict | QKStats | None, part: dict | QKStats) -> dict | QKStats:
         """Exact merge; flat partials are added in place (no per-rank allocation)."""
         if acc is None:
-            if isinstance(part, tuple):
-                return part[0].clone(), part[1].clone()
-            return part
-        if isinstance(acc, tuple) and isinstance(part, tuple):
-            acc[0].add_(part[0])
-            torch.maximum(acc[1], part[1], out=acc[1])
+            return {f: v.clone() for f, v in part.items()} if isinstance(part, dict) else part
+        if isinstance(acc, dict) and isinstance(part, dict):
+            if set(acc) != set(part):
+                raise ValueError(
+                    f"ranks sent different statistics fields: {sorted(acc)} vs {sorted(part)}"
+                )
+            for f, v in part.items():
+                if f == "max_abs":
+                    torch.maximum(acc[f], v, out=acc[f])
+                else:
+                    acc[f].add_(v)
             return acc
         flat = self._flat_layout
-        a = QKStats.from_flat(flat, *acc) if isinstance(acc, tuple) else acc
-        return a.merge(QKStats.from_flat(flat, *part) if isinstance(part, tuple) else part)
+        a = QKStats.from_fields(flat, acc) if isinstance(acc, dict) else acc
+        return a.merge(QKStats.from_fields(flat, part) if isinstance(part, dict) else part)
 
     def get(self, step: int) -> dict[str, Any] | None:
         """The payload published for the refresh at ``step`` (None while incomplete)."""

@@ -11,7 +11,16 @@
 - zeroes the frozen rows' gradients before clipping and keeps the frozen rows (and their
   optimizer state) bit-identical through ``optimizer.step()``;
 - saves and restores the coordinator's state and its own step counter with verl's
-  checkpoints (``longact_state.pt`` in the actor checkpoint folder).
+  checkpoints (``longact_state.pt`` in the actor checkpoint folder);
+- reports where its time goes, per optimizer step, as host wall-clock seconds
+  (``longact/capture_s`` in the hooks, ``longact/mask_s`` zeroing frozen gradient rows,
+  ``longact/snapshot_s`` and ``longact/restore_s`` around ``optimizer.step()``;
+  ``longact/rank_refresh_s`` on refresh steps). On CUDA, kernels run asynchronously,
+  so these are launch times unless something synchronizes.
+
+The coordinator is the run's named Ray actor. A single process without Ray (a
+benchmark, a notebook) passes a plain :class:`SaliencyCoordinator` for one rank as
+``coordinator=`` and the same protocol runs in-process.
 
 Optimizer steps are counted here, so ``refresh_interval`` is in optimizer steps (verl
 runs one per PPO mini-batch). Without calibration, the first mask is chosen at optimizer
@@ -25,6 +34,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +46,7 @@ from longact.core.adapters import get_adapter
 from longact.core.capture import QKCapture
 from longact.core.masks import MaskSet
 from longact.core.sparse_update import RowMaskGuard
-from longact.distributed.coordinator import stats_payload
+from longact.distributed.coordinator import SaliencyCoordinator, payload_fields, stats_payload
 
 CONFIG_ENV = "LONGACT_CONFIG"
 STATE_FILE = "longact_state.pt"
@@ -59,6 +70,7 @@ class LongActRuntime:
         optimizer: torch.optim.Optimizer,
         cfg: dict,
         model_path: str | None = None,
+        coordinator: SaliencyCoordinator | None = None,
     ):
         import torch.distributed as dist
 
@@ -66,7 +78,10 @@ class LongActRuntime:
         self.module = module
         self.optimizer = optimizer
         self.adapter = get_adapter(module)
-        self.capture = QKCapture(module, self.adapter, point=cfg.get("capture_point", "proj"))
+        self._fields = payload_fields(cfg.get("score", "mean_abs"))
+        self.capture = QKCapture(
+            module, self.adapter, point=cfg.get("capture_point", "proj"), fields=self._fields
+        )
         self.capture.attach()
         self.layout = self.capture.layout
         self.guard = RowMaskGuard(module, MaskSet.full(self.layout), self.adapter)
@@ -75,9 +90,14 @@ class LongActRuntime:
         self.step = 0  # optimizer steps taken
         self.last_refresh: int | None = None
         self.version = 0
-        self._coordinator = None
+        if coordinator is not None and coordinator.world_size != 1:
+            raise ValueError(
+                "an in-process coordinator serves exactly one rank; got one for "
+                f"{coordinator.world_size} (use the Ray actor for several ranks)"
+            )
+        self._coordinator = coordinator
         self._pending_metrics: dict[str, float] = {}
-        self.timings = {"refresh_s": 0.0, "mask_s": 0.0}
+        self.timings = {"refresh_s": 0.0, "mask_s": 0.0, "snapshot_s": 0.0, "restore_s": 0.0}
         cal = cfg.get("calibration") or {}
         if cal.get("enable"):
             self.calibrate(model_path, cal)
@@ -104,7 +124,13 @@ class LongActRuntime:
         bs = int(cal.get("batch_size", 4))
         n_batches = -(-len(prompts[0 :: self.world_size]) // bs)  # rank 0 has the most
         device = next(self.module.parameters()).device
-        capture = QKCapture(self.module, self.adapter, self.capture.point, during_no_grad=True)
+        capture = QKCapture(
+            self.module,
+            self.adapter,
+            self.capture.point,
+            during_no_grad=True,
+            fields=self._fields,
+        )
         self.capture.detach()
         was_training = self.module.training
         self.module.eval()
@@ -131,10 +157,7 @@ class LongActRuntime:
                 self.module(input_ids=input_ids.to(device), attention_mask=mask.to(device))
         self.module.train(was_training)
         self.capture.attach()
-        import ray
-
-        stats = capture.take()
-        payload = ray.get(self.coordinator.exchange.remote(self.rank, 0, stats_payload(stats)))
+        payload = self._exchange(0, capture.take())
         self._install(payload)
         self.last_refresh = 0
         self._pending_metrics.update(payload["metrics"])
@@ -155,12 +178,29 @@ class LongActRuntime:
             return True
         return step - self.last_refresh >= int(self.cfg.get("refresh_interval", 1))
 
-    def _refresh(self, step: int) -> None:
+    def _exchange(self, step: int, stats) -> dict:
+        """Send this rank's statistics for the refresh at ``step``; the published masks."""
+        payload = stats_payload(stats, self._fields)
+        coord = self.coordinator
+        if isinstance(coord, SaliencyCoordinator):  # in-process, one rank
+            coord.submit(self.rank, step, payload)
+            return coord.get(step)
         import ray
 
+        return ray.get(coord.exchange.remote(self.rank, step, payload))
+
+    def _call(self, method: str, *args):
+        """A coordinator method, on the Ray actor or the in-process object."""
+        coord = self.coordinator
+        if isinstance(coord, SaliencyCoordinator):
+            return getattr(coord, method)(*args)
+        import ray
+
+        return ray.get(getattr(coord, method).remote(*args))
+
+    def _refresh(self, step: int) -> None:
         t0 = time.perf_counter()
-        stats = self.capture.take()
-        payload = ray.get(self.coordinator.exchange.remote(self.rank, step, stats_payload(stats)))
+        payload = self._exchange(step, self.capture.take())
         self._install(payload)
         self.last_refresh = step
         dt = time.perf_counter() - t0
@@ -181,14 +221,28 @@ class LongActRuntime:
             self._refresh(self.step)
         t0 = time.perf_counter()
         self.guard.mask_grads()
-        self.timings["mask_s"] += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        self.timings["mask_s"] += dt
+        self._pending_metrics["longact/mask_s"] = dt
 
-    def protect(self):
+    @contextmanager
+    def protect(self) -> Iterator[None]:
         """Context manager around clipping + optimizer.step()."""
-        return self.guard.protect(self.optimizer)
+        t0 = time.perf_counter()
+        with self.guard.protect(self.optimizer):
+            t1 = time.perf_counter()
+            try:
+                yield
+            finally:
+                t2 = time.perf_counter()
+        t3 = time.perf_counter()
+        for name, dt in (("snapshot_s", t1 - t0), ("restore_s", t3 - t2)):
+            self.timings[name] += dt
+            self._pending_metrics[f"longact/{name}"] = dt
 
     def pop_metrics(self) -> dict[str, float]:
         out = dict(self._pending_metrics)
+        out["longact/capture_s"] = self.capture.pop_record_s()
         out["longact/mask_version"] = float(self.version)
         out["longact/frozen_fraction"] = self.guard.frozen_fraction()
         self._pending_metrics.clear()
@@ -196,12 +250,11 @@ class LongActRuntime:
 
     # ---- checkpoints --------------------------------------------------------------------
     def save(self, local_path: str) -> None:
-        import ray
         import torch.distributed as dist
 
         if self.rank == 0:
             state = {
-                "coordinator": ray.get(self.coordinator.state_dict.remote()),
+                "coordinator": self._call("state_dict"),
                 "step": self.step,
                 "last_refresh": self.last_refresh,
                 "version": self.version,
@@ -214,7 +267,6 @@ class LongActRuntime:
             dist.barrier()
 
     def load(self, local_path: str) -> None:
-        import ray
         import torch.distributed as dist
 
         path = Path(local_path) / STATE_FILE
@@ -225,10 +277,10 @@ class LongActRuntime:
             )
         state = torch.load(path, weights_only=False)
         if self.rank == 0:
-            ray.get(self.coordinator.load_state_dict.remote(state["coordinator"]))
+            self._call("load_state_dict", state["coordinator"])
         if dist.is_initialized():
             dist.barrier()
-        current = ray.get(self.coordinator.current.remote())
+        current = self._call("current")
         if current is not None:
             # the optimizer state was restored with the weights: do not reset it
             self._install(current, reset_entering=False)

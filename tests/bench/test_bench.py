@@ -101,3 +101,29 @@ def test_flat_payload_matches_state_dict_payload():
         for f in ("count", "sum_abs", "sum_sq", "max_abs"):
             assert torch.equal(getattr(run_a[k], f), getattr(run_b[k], f))
     assert inprocess_latency(SMALL, 2, 1, "flat")["summary"]["n"] == 1
+
+
+def test_train_step_figure_runs_on_cpu(tmp_path):
+    """The GPU form of figure 1 on a tiny model, FSDP2 over gloo, in a subprocess (it
+    initializes a process group): every LongAct step refreshed and masked."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "fig.json"
+    code = (
+        "import json, sys; from bench import train_step; "
+        "f = train_step.run(shape='tiny', seq=32, micro=2, reps=1, device='cpu', "
+        "log=lambda s: None); json.dump(f, open(sys.argv[1], 'w'), default=str)"
+    )
+    env = dict(os.environ, PYTHONPATH=str(repo), LONGACT_BENCH_PORT="29547")
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, cwd=repo, env=env)
+    fig = json.loads(out.read_text())
+    on, off = fig["raw"]["summary"]["on"], fig["raw"]["summary"]["off"]
+    assert on["before_step"]["n"] == off["total"]["n"] == 1
+    assert on["snapshot"]["median"] > 0 and on["restore"]["median"] > 0
+    # warm-up step + 1 timed step with LongAct on, a refresh at each: version 2
+    assert any("final mask version 2" in n for n in fig["notes"])
+    assert fig["goals"][0]["goal"] == "update step time on/off (median)"

@@ -157,3 +157,27 @@ def test_mask_errors():
     lin = nn.Linear(4, 4)
     with pytest.raises(ValueError, match="no q/k projection parameters"):
         RowMaskGuard(lin, MaskSet(masks), adapter=get_adapter("qwen3"))
+
+
+def test_reused_snapshot_buffers_give_the_same_steps():
+    """Kept buffers (the CPU default) and fresh copies train bit-identically; the kept
+    buffers are the same storage from step to step."""
+    runs = {}
+    for reuse in (True, False):
+        model = tiny_model("qwen3", seed=0)
+        masks = build_masks(None, get_adapter(model).layout(model), ratio=0.3, policy="random")
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        guard = RowMaskGuard(model, masks, reuse_buffers=reuse)
+        assert guard.reuse_buffers is reuse
+        ptrs = []
+        for step in range(3):
+            _loss(model, step).backward()
+            guard.mask_grads()
+            guard.step(opt)
+            opt.zero_grad()
+            ptrs.append(sorted(b.data_ptr() for b in guard._buffers.values()))
+        assert (ptrs[1] == ptrs[2] and len(ptrs[2]) > 0) if reuse else ptrs[2] == []
+        runs[reuse] = _snapshot(model)
+    for name, p in runs[True].items():
+        assert torch.equal(p, runs[False][name]), name
+    assert RowMaskGuard(tiny_model("qwen3"), masks).reuse_buffers  # CPU default

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import longact.core.stats as stats_mod
-from longact.core.stats import ChannelStats, QKStats, ema, merge
+from longact.core.stats import FIELDS, ChannelStats, QKStats, ema, merge
 
 X = torch.tensor([[1.0, -2.0], [3.0, 4.0], [-5.0, 0.0]])  # 3 tokens x 2 channels
 
@@ -120,3 +120,32 @@ def test_ema_on_means_by_hand():
     for bad in (1.0, -0.1, float("nan")):
         with pytest.raises(ValueError, match=r"\[0, 1\)"):
             ema(prev, new, bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_and_chunked_updates_agree(dtype):
+    """The accelerator path (float32 blocks, float64 across) and the CPU path (float64
+    chunks) agree to float32 rounding, masked NaN padding included; the token count
+    spans whole blocks and a remainder."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(3, 1000, 24, generator=g) * 4).to(dtype)  # 3000 = 2 blocks + 952
+    mask = torch.rand(3, 1000, generator=g) > 0.3
+    x[~mask] = float("nan")
+    keep = mask.reshape(-1)
+    flat = x.reshape(-1, 24)
+    a, b = ChannelStats.zeros(24), ChannelStats.zeros(24)
+    a._update_chunked(flat, keep, set(FIELDS))
+    b._update_fused(flat, keep, set(FIELDS))
+    for f in ("sum_abs", "sum_sq", "max_abs"):
+        torch.testing.assert_close(getattr(a, f), getattr(b, f), rtol=1e-5, atol=0, msg=f)
+    assert torch.isfinite(b.sum_abs).all()
+
+
+def test_update_only_the_requested_fields():
+    x = torch.randn(40, 8)
+    s = ChannelStats.zeros(8)
+    s.update_(x, fields=("count", "sum_abs"))
+    torch.testing.assert_close(s.sum_abs, x.double().abs().sum(0))
+    assert float(s.count) == 40 and not s.sum_sq.any() and not s.max_abs.any()
+    with pytest.raises(ValueError, match="unknown statistics fields"):
+        s.update_(x, fields=("mean",))

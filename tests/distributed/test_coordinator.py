@@ -181,3 +181,53 @@ def test_async_exchange_returns_the_same_payload_to_every_rank():
     assert (a["version"], c["version"]) == (1, 2)
     expected = build_masks(_stats(acts), LAYOUT, ratio=0.25, policy="topk")
     assert _masks_equal(MaskSet.from_state_dict(a["masks"]), expected)
+
+
+@pytest.mark.parametrize(
+    "score, fields",
+    [
+        ("mean_abs", ("count", "sum_abs")),
+        ("rms", ("count", "sum_abs", "sum_sq")),
+        ("max_abs", ("count", "sum_abs", "max_abs")),
+    ],
+)
+def test_flat_payload_carries_only_the_fields_the_score_needs(score, fields):
+    from longact.distributed.coordinator import payload_fields, stats_payload
+
+    assert payload_fields(score) == fields
+    acts = _activations(3)
+    half = [_stats(acts, slice(0, 6)), _stats(acts, slice(6, None))]
+    cfg = dict(CONFIG, score=score)
+    flat, full = SaliencyCoordinator(cfg, LAYOUT, 2), SaliencyCoordinator(cfg, LAYOUT, 2)
+    for r in (1, 0):
+        payload = stats_payload(half[r], fields)
+        assert sorted(payload["fields"]) == sorted(fields)
+        flat.submit(r, 1, payload)
+        full.submit(r, 1, half[r].state_dict())
+    # the same masks as from every field, and the sent fields merged exactly
+    assert _masks_equal(flat.masks, full.masks)
+    whole = _stats(acts)
+    for key in whole.keys():
+        for f in ("count", "sum_abs", "sum_sq", "max_abs"):
+            got = getattr(flat.running[key], f)
+            want = getattr(whole[key], f) if f in fields else torch.zeros_like(got)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{key} {f}")
+    assert flat.history[-1]["metrics"]["longact/mass_kept_q"] == pytest.approx(
+        full.history[-1]["metrics"]["longact/mass_kept_q"], rel=1e-12
+    )
+
+
+def test_flat_payload_errors_name_the_problem():
+    from longact.distributed.coordinator import stats_payload
+
+    acts = _activations(4)
+    coord = SaliencyCoordinator(dict(CONFIG), LAYOUT, 2)
+    coord.submit(0, 1, stats_payload(_stats(acts), ("count", "sum_abs")))
+    with pytest.raises(ValueError, match="different statistics fields"):
+        coord.submit(1, 1, stats_payload(_stats(acts), ("count", "sum_abs", "sum_sq")))
+    bad = stats_payload(_stats(acts), ("count", "sum_abs"))
+    bad["fields"]["sum_abs"] = bad["fields"]["sum_abs"][:-1]
+    with pytest.raises(ValueError, match="'sum_abs' of shape"):
+        coord.submit(1, 2, bad)
+    with pytest.raises(ValueError, match="unknown statistics field 'mean'"):
+        _stats(acts).to_fields(("count", "mean"))

@@ -104,6 +104,8 @@ def test_frozen_rows_bit_identical_each_step(killed_run, tiny_dir):
     assert [metrics[s]["actor/longact/mask_version"] for s in (1, 2, 3)] == [1.0, 1.0, 2.0]
     assert "actor/longact/jaccard_prev_q" in metrics[3]
     assert 0.0 <= metrics[3]["actor/longact/mass_kept_q"] <= 1.0
+    for part in ("capture_s", "mask_s", "snapshot_s", "restore_s"):  # where LongAct's time goes
+        assert metrics[3][f"actor/longact/{part}"] > 0, part
 
 
 def test_resume_continues_with_same_masks(killed_run, tiny_dir, rl_data):
