@@ -11,8 +11,9 @@ tokens (2-digit values), the reward from the recipe (``pkg://longact.rewards``).
 Same seed, data and config otherwise. Runs alternate on, off, off, on, ... (each run is a
 fresh Ray cluster); step 1 of each run is dropped as warm-up. Per-step times are verl's
 ``timing_s/step`` and ``timing_s/update_actor``; LongAct's own per-step costs come from its
-metrics: ``actor/longact/rank_refresh_s`` (a rank's coordinator round trip) and
-``actor/longact/refresh_s`` (the coordinator's merge + mask build).
+metrics: ``actor/longact/rank_refresh_s`` (a rank's coordinator round trip),
+``actor/longact/refresh_s`` (the coordinator's merge + mask build) and the per-step host
+times of capture, mask_grads and the protect snapshot / restore.
 
 Each run pays ~60-80 s of start-up (Ray, workers, model load) on 2 cores, so the number of
 run pairs adapts to a deadline (at least one pair).
@@ -39,10 +40,11 @@ METRICS = {
     "timing_s/gen": "rollout (timing_s/gen)",
     "actor/longact/rank_refresh_s": "LongAct refresh round trip, per rank",
     "actor/longact/refresh_s": "coordinator merge + masks (refresh_s)",
-    # reported only once the runtime exposes them (proposed); rows without data are skipped
+    # host seconds LongActRuntime reports per optimizer step (rows without data are skipped)
     "actor/longact/capture_s": "LongAct capture hooks, per step",
     "actor/longact/mask_s": "LongAct mask_grads, per step",
-    "actor/longact/protect_s": "LongAct protect snapshot + restore, per step",
+    "actor/longact/snapshot_s": "LongAct protect: snapshot frozen rows, per step",
+    "actor/longact/restore_s": "LongAct protect: restore frozen rows, per step",
 }
 
 
@@ -220,9 +222,9 @@ def summarize_runs(runs: list[dict], steps: int, root: Path | None = None) -> di
         f"Run order: {', '.join(r['arm'] for r in runs)}; wall time per run (s): "
         f"on {walls['on']}, off {walls['off']} (start-up included).",
         "Medians [min-max] over all timed steps of all runs of an arm; step 1 dropped.",
-        "Capture (hooks) and mask application (mask_grads + protect) are inside "
-        "timing_s/update_actor; their own rows appear once the runtime reports "
-        "longact/capture_s, longact/mask_s and longact/protect_s.",
+        "Capture (hooks), mask_grads and protect (snapshot + restore) are inside "
+        "timing_s/update_actor; their rows are LongActRuntime's own per-step host times "
+        "(longact/capture_s, mask_s, snapshot_s, restore_s).",
     ]
     fig["raw"] = {
         "runs": [{"arm": r["arm"], "wall_s": r["wall_s"], "steps": r["steps"]} for r in runs],

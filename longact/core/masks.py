@@ -196,7 +196,14 @@ def build_masks(
     score_fn, _ = SCORES.get(score), POLICIES.get(policy)
     GRANULARITIES.get(granularity)
     masks = {}
+    if policy in _SORTED and stats is not None:
+        for proj in ("q", "k"):
+            keys = [k for k in layout if k[1] == proj]
+            if keys and all(k in stats and stats.token_count(k) > 0 for k in keys):
+                masks.update(_sorted_masks(stats, layout, keys, ratio, policy, granularity, score))
     for key in layout:
+        if key in masks:
+            continue
         scores = None
         if stats is not None and key in stats and stats.token_count(key) > 0:
             scores = score_fn(stats[key])
@@ -213,6 +220,32 @@ def build_masks(
     meta = {"ratio": ratio, "policy": policy, "score": score, "granularity": granularity}
     meta["seed"] = seed
     return MaskSet(masks, version=version, meta=meta)
+
+
+_SORTED = {"topk": True, "bottomk": False}  # policy -> descending
+
+
+def _sorted_masks(
+    stats: QKStats,
+    layout: QKLayout,
+    keys: list[Key],
+    ratio: float,
+    policy: str,
+    granularity: str,
+    score: str,
+) -> dict[Key, torch.Tensor]:
+    """topk / bottomk for all layers of one projection with one stable sort over a
+    (L, U) score matrix: the same masks as ``select_rows`` key by key (each row sorts
+    on its own; ties still go to the lower index), one sort instead of L."""
+    gran, d = GRANULARITIES.get(granularity), layout.head_dim
+    n_units = gran.n_units(layout.rows(keys[0][1]), d)
+    score_fn = SCORES.get(score)
+    unit = torch.stack([gran.pool(score_fn(stats[k]).detach().double().cpu(), d) for k in keys])
+    _need_scores(unit, policy)  # (L, U)
+    order = torch.sort(unit, dim=1, descending=_SORTED[policy], stable=True).indices
+    keep = torch.zeros(unit.shape, dtype=torch.bool)
+    keep.scatter_(1, order[:, : n_keep(ratio, n_units)], True)  # (L, U)
+    return {k: gran.expand(keep[i], d).clone() for i, k in enumerate(keys)}
 
 
 # ---- the mask set --------------------------------------------------------------------

@@ -134,6 +134,8 @@ class RowMaskGuard:
         self._validate(masks)
         old, entering_total, leaving_total = self.masks, 0, 0
         for t in self.targets:
+            if old is not None and torch.equal(masks[t.ref.key], old[t.ref.key]):
+                continue  # same rows: nothing enters or leaves, t.frozen stays
             new_local = masks[t.ref.key][t.start : t.stop]  # (n_local,) bool, CPU
             if old is not None:
                 prev = old[t.ref.key]

@@ -58,8 +58,10 @@ def _blocked_sum(x: torch.Tensor, p: int) -> torch.Tensor:
                                               dtype=torch.float32))  # fmt: skip
     if full < n:  # the remainder: (1, C)
         parts.append(torch.linalg.vector_norm(x[full:], p, dim=0, dtype=torch.float32)[None])
-    blocks = (parts[0] if len(parts) == 1 else torch.cat(parts)).double()  # (n_blocks, C)
-    return (blocks if p == 1 else blocks.square()).sum(0)
+    blocks = parts[0] if len(parts) == 1 else torch.cat(parts)  # (n_blocks, C) float32
+    if p == 2:
+        blocks = blocks.double().square()
+    return blocks.sum(0, dtype=torch.float64)
 
 
 @dataclass
@@ -191,8 +193,18 @@ class QKStats:
 
     @classmethod
     def empty(cls, row_counts: Mapping[Key, int], device: Any = None) -> QKStats:
-        """Zero statistics for every key, e.g. ``QKStats.empty(layout.row_counts())``."""
-        return cls({k: ChannelStats.zeros(n, device) for k, n in row_counts.items()})
+        """Zero statistics for every key, e.g. ``QKStats.empty(layout.row_counts())``.
+
+        All fields are views into one zeroed buffer: one allocation and one fill instead
+        of four per key (on a GPU, 224 tiny kernels fewer per refresh at 28 layers)."""
+        total = sum(1 + 3 * n for n in row_counts.values())
+        buf = torch.zeros(total, dtype=torch.float64, device=device)
+        entries, i = {}, 0
+        for k, n in row_counts.items():
+            count, rest = buf[i], buf[i + 1 : i + 1 + 3 * n].view(3, n)
+            entries[k] = ChannelStats(count, rest[0], rest[1], rest[2])
+            i += 1 + 3 * n
+        return cls(entries)
 
     def keys(self) -> list[Key]:
         return sorted(self.entries)

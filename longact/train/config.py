@@ -55,6 +55,10 @@ class LongActConfig:
     """proj (q_proj / k_proj outputs) or norm (after q_norm / k_norm, Qwen3-style models)."""
     refresh_interval: int = 1
     """Recompute the masks every N optimizer steps (>= 1)."""
+    refresh_async: bool = False
+    """Overlap each refresh with the next step: masks from step t's statistics are
+    installed at step t+1 instead of step t, and the coordinator's work leaves the
+    critical path."""
     ema: float = 0.0
     """EMA decay in [0, 1) on per-channel statistics across refreshes."""
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -102,6 +106,8 @@ class LongActConfig:
             raise ConfigError(f"longact.capture_point={self.capture_point!r}; valid: norm, proj")
         if not isinstance(self.refresh_interval, int) or self.refresh_interval < 1:
             raise ConfigError(f"longact.refresh_interval={self.refresh_interval!r} must be >= 1")
+        if not isinstance(self.refresh_async, bool):
+            raise ConfigError(f"longact.refresh_async={self.refresh_async!r} must be true or false")
         if not (0.0 <= self.ema < 1.0):
             raise ConfigError(f"longact.ema={self.ema!r} is outside [0, 1)")
         cal = self.calibration

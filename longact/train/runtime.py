@@ -22,6 +22,12 @@ The coordinator is the run's named Ray actor. A single process without Ray (a
 benchmark, a notebook) passes a plain :class:`SaliencyCoordinator` for one rank as
 ``coordinator=`` and the same protocol runs in-process.
 
+With ``refresh_async`` the refresh leaves the critical path: the statistics of step t
+are sent at step t, the coordinator merges them and picks masks while the rank runs
+step t+1's forwards and backwards, and the masks are installed at step t+1 (every rank
+at the same step, as always). The masks are then one step older than in the default
+mode; a checkpoint first installs the refresh in flight.
+
 Optimizer steps are counted here, so ``refresh_interval`` is in optimizer steps (verl
 runs one per PPO mini-batch). Without calibration, the first mask is chosen at optimizer
 step 1 from the statistics of step 1's own forwards, before that step is applied. With
@@ -96,6 +102,9 @@ class LongActRuntime:
                 f"{coordinator.world_size} (use the Ray actor for several ranks)"
             )
         self._coordinator = coordinator
+        self._pool = None  # the in-process coordinator's refresh thread
+        self._inflight: Any = None  # async mode: the refresh sent at the last step
+        self._refresh_host_s = 0.0
         self._pending_metrics: dict[str, float] = {}
         self.timings = {"refresh_s": 0.0, "mask_s": 0.0, "snapshot_s": 0.0, "restore_s": 0.0}
         cal = cfg.get("calibration") or {}
@@ -180,14 +189,34 @@ class LongActRuntime:
 
     def _exchange(self, step: int, stats) -> dict:
         """Send this rank's statistics for the refresh at ``step``; the published masks."""
+        return self._resolve(self._send(step, stats))
+
+    def _send(self, step: int, stats) -> Any:
+        """Start the refresh at ``step``: a Ray object ref, or a Future in-process."""
         payload = stats_payload(stats, self._fields)
         coord = self.coordinator
         if isinstance(coord, SaliencyCoordinator):  # in-process, one rank
-            coord.submit(self.rank, step, payload)
-            return coord.get(step)
+            if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="longact-refresh")
+
+            def run() -> dict:
+                coord.submit(self.rank, step, payload)
+                return coord.get(step)
+
+            return self._pool.submit(run)
+        return coord.exchange.remote(self.rank, step, payload)
+
+    @staticmethod
+    def _resolve(handle: Any) -> dict:
+        from concurrent.futures import Future
+
+        if isinstance(handle, Future):  # in-process coordinator
+            return handle.result()
         import ray
 
-        return ray.get(coord.exchange.remote(self.rank, step, payload))
+        return ray.get(handle)
 
     def _call(self, method: str, *args):
         """A coordinator method, on the Ray actor or the in-process object."""
@@ -200,10 +229,26 @@ class LongActRuntime:
 
     def _refresh(self, step: int) -> None:
         t0 = time.perf_counter()
-        payload = self._exchange(step, self.capture.take())
-        self._install(payload)
+        handle = self._send(step, self.capture.take())
         self.last_refresh = step
-        dt = time.perf_counter() - t0
+        if self.cfg.get("refresh_async", False):  # installed at the next optimizer step
+            self._inflight = handle
+            self._refresh_host_s = time.perf_counter() - t0
+            return
+        self._finish(self._resolve(handle), time.perf_counter() - t0)
+
+    def _collect(self) -> None:
+        """Install the refresh sent at the previous step (async mode), if any."""
+        if self._inflight is None:
+            return
+        t0 = time.perf_counter()
+        handle, self._inflight = self._inflight, None
+        self._finish(self._resolve(handle), self._refresh_host_s + time.perf_counter() - t0)
+
+    def _finish(self, payload: dict, host_s: float) -> None:
+        t0 = time.perf_counter()
+        self._install(payload)
+        dt = host_s + time.perf_counter() - t0  # this rank's blocked host time
         self.timings["refresh_s"] += dt
         self._pending_metrics.update(payload["metrics"])
         self._pending_metrics["longact/rank_refresh_s"] = dt
@@ -217,6 +262,7 @@ class LongActRuntime:
     def before_step(self) -> None:
         """After backward, before clipping: refresh if due, then mask the gradients."""
         self.step += 1
+        self._collect()
         if self._due(self.step):
             self._refresh(self.step)
         t0 = time.perf_counter()
@@ -252,6 +298,7 @@ class LongActRuntime:
     def save(self, local_path: str) -> None:
         import torch.distributed as dist
 
+        self._collect()  # async mode: the checkpoint holds the masks in force from now
         if self.rank == 0:
             state = {
                 "coordinator": self._call("state_dict"),

@@ -179,3 +179,33 @@ def test_qwen3_8b_mask_memory():
     assert n_bytes == MaskSet.full(layout).memory_bytes() == mask_memory_bytes([4096, 1024] * 36)
     fraction = n_bytes / (8.2e9 * 2)  # bf16 parameters
     assert fraction == pytest.approx(1.124e-5, rel=1e-3)
+
+
+@pytest.mark.parametrize("policy", ["topk", "bottomk"])
+@pytest.mark.parametrize("granularity", ["channel", "rope_pair", "head"])
+def test_one_sort_per_projection_matches_key_by_key(policy, granularity):
+    """build_masks sorts all layers of a projection at once; each mask is the one
+    select_rows picks for its key alone, ties (to the lower index) included."""
+    from longact.core.masks import select_rows
+    from longact.core.stats import ChannelStats
+
+    layout = QKLayout(num_layers=3, head_dim=8, num_attention_heads=4, num_key_value_heads=2)
+    g = torch.Generator().manual_seed(1)
+    entries = {}
+    for key, c in layout.row_counts().items():
+        mean = torch.randint(0, 4, (c,), generator=g).double()  # many ties
+        entries[key] = ChannelStats(torch.tensor(10.0, dtype=torch.float64), mean * 10,
+                                    mean * 0, mean * 0)  # fmt: skip
+    stats = QKStats(entries)
+    got = build_masks(stats, layout, ratio=0.3, policy=policy, granularity=granularity)
+    for key in layout:
+        want = select_rows(
+            stats[key].mean_abs(),
+            layout.rows(key[1]),
+            layout.head_dim,
+            ratio=0.3,
+            policy=policy,
+            granularity=granularity,
+            key=key,
+        )
+        assert torch.equal(got[key], want), key

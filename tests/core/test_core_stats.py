@@ -149,3 +149,17 @@ def test_update_only_the_requested_fields():
     assert float(s.count) == 40 and not s.sum_sq.any() and not s.max_abs.any()
     with pytest.raises(ValueError, match="unknown statistics fields"):
         s.update_(x, fields=("mean",))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_capture_takes_the_fused_path_and_matches_the_cpu():
+    """On CUDA, update_ uses the blocked float32 reductions; the statistics match the
+    CPU's float64 path on the same bf16 activations to float32 rounding."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 3000, 64, generator=g) * 3).to(torch.bfloat16)
+    mask = torch.rand(2, 3000, generator=g) > 0.2
+    cpu = ChannelStats.zeros(64).update_(x, mask)
+    gpu = ChannelStats.zeros(64, "cuda").update_(x.cuda(), mask.cuda())
+    for f in FIELDS:
+        torch.testing.assert_close(getattr(gpu, f).cpu(), getattr(cpu, f), rtol=1e-5, atol=0)

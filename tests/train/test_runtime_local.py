@@ -71,3 +71,30 @@ def test_in_process_coordinator_must_serve_one_rank():
     layout = get_adapter(model).layout(model)
     with pytest.raises(ValueError, match="exactly one rank; got one for 2"):
         LongActRuntime(model, opt, CFG, coordinator=SaliencyCoordinator(CFG, layout, 2))
+
+
+def test_async_refresh_installs_masks_one_step_later(tmp_path):
+    """refresh_async: the masks chosen from step t's statistics are in force from step
+    t+1; frozen rows stay bit-identical; a checkpoint first installs the refresh in
+    flight."""
+    cfg = dict(CFG, refresh_interval=1, refresh_async=True)
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    coord = SaliencyCoordinator(cfg, get_adapter(model).layout(model), world_size=1)
+    rt = LongActRuntime(model, opt, cfg, coordinator=coord)
+    w = "model.layers.1.self_attn.k_proj.weight"
+    versions = []
+    for step in range(1, 5):
+        before = dict(model.named_parameters())[w].detach().clone()
+        _train_step(rt, model, opt, step)
+        versions.append(rt.version)
+        frozen = ~rt.guard.masks[(1, "k")]
+        assert torch.equal(dict(model.named_parameters())[w].detach()[frozen], before[frozen])
+        assert ("longact/rank_refresh_s" in rt.pop_metrics()) == (step > 1)
+    # step 1 trains every row (version 0); version v is installed at step v + 1
+    assert versions == [0, 1, 2, 3]
+    assert coord.version == 4  # step 4's refresh is in flight ...
+    rt.save(str(tmp_path))  # ... and a checkpoint installs it first
+    assert rt.version == 4
+    state = torch.load(tmp_path / "longact_state.pt", weights_only=False)
+    assert state["version"] == 4 and state["coordinator"]["version"] == 4
