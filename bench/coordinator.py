@@ -39,7 +39,6 @@ from typing import Any
 import torch
 
 from bench.common import SHAPES, abba, figure, fmt_s, goal, human_bytes, summarize
-from bench.memory import stats_bytes
 from longact.core.adapters import QKLayout
 from longact.core.masks import MaskSet
 from longact.core.stats import ChannelStats, QKStats
@@ -249,11 +248,15 @@ def ray_latency(
 
 
 # ---- bytes ---------------------------------------------------------------------------------
-def refresh_bytes(layout: QKLayout, ranks: int, elem_bytes: int = 8) -> dict[str, int]:
-    """Payload of one refresh: statistics in from every rank, the mask set out to every
-    rank (1 byte per W_Q/W_K row; tensor and pickle headers not counted)."""
-    per_rank = stats_bytes(layout, elem_bytes)
-    mask = sum(layout.row_counts().values())
+def refresh_bytes(
+    layout: QKLayout, ranks: int, elem_bytes: int = 8, vectors: int = 3
+) -> dict[str, int]:
+    """Payload of one refresh: statistics in from every rank (per key a count and
+    ``vectors`` (C,) vectors: 3 for every field, 1 for the score's fields the runtime
+    sends), the bit-packed mask set out to every rank (1 bit per W_Q/W_K row); headers
+    not counted."""
+    per_rank = sum((1 + vectors * c) * elem_bytes for c in layout.row_counts().values())
+    mask = -(-sum(layout.row_counts().values()) // 8)
     return {
         "stats_per_rank": per_rank,
         "mask_per_rank": mask,
@@ -329,26 +332,31 @@ def run(
     bytes_rows = []
     for key, shape in SHAPES.items():
         b64 = refresh_bytes(shape.layout, top)
-        b32 = refresh_bytes(shape.layout, top, elem_bytes=4)
+        score = refresh_bytes(shape.layout, top, vectors=1)
+        b32 = refresh_bytes(shape.layout, top, elem_bytes=4, vectors=1)
         bytes_rows.append(
             [
                 shape.name,
                 human_bytes(b64["stats_per_rank"]),
+                human_bytes(score["stats_per_rank"]),
                 human_bytes(b64["mask_per_rank"]),
                 human_bytes(b64["total"]),
+                human_bytes(score["total"]),
                 human_bytes(b32["total"]),
             ]
         )
-        fig["raw"][f"bytes_{key}"] = {"float64": b64, "float32": b32}
+        fig["raw"][f"bytes_{key}"] = {"all_fields": b64, "score_fields": score, "fp32": b32}
     fig["extra_tables"] = [
         {
             "title": f"Bytes per refresh, {top} ranks (stats in from each, mask out to each)",
             "columns": [
                 "model",
-                "stats / rank (fp64)",
-                "mask / rank",
-                f"total, {top} ranks (fp64 stats)",
-                f"total, {top} ranks (if fp32 stats)",
+                "stats / rank, all fields (fp64)",
+                "stats / rank, score's fields (fp64, what the runtime sends)",
+                "mask / rank (bit-packed)",
+                f"total, {top} ranks (all fields)",
+                f"total, {top} ranks (score's fields)",
+                f"total, {top} ranks (score's fields, if fp32)",
             ],
             "rows": bytes_rows,
         }
