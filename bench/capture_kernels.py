@@ -17,44 +17,37 @@ import time
 
 import torch
 
+from bench.common import sync
 from longact.core.stats import FIELDS, ChannelStats
 
 CASES = ((4096, 1024), (32768, 1024), (32768, 4096))  # (tokens, channels)
 
 
-def _time(fn, reps: int, device: str) -> tuple[float, ChannelStats]:
-    cuda = device.startswith("cuda")
+def _time(update, x, keep, fields, reps: int, device: str) -> tuple[float, ChannelStats]:
+    """Seconds per ``update(stats, x, keep, fields)`` call (after 3 warm-up calls) and the
+    statistics the timed calls accumulated."""
     for _ in range(3):
-        fn(ChannelStats.zeros(fn.n_channels, device))
-    out = ChannelStats.zeros(fn.n_channels, device)
-    if cuda:
-        torch.cuda.synchronize()
+        update(ChannelStats.zeros(x.shape[1], device), x, keep, fields)
+    out = ChannelStats.zeros(x.shape[1], device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
-        fn(out)
-    if cuda:
-        torch.cuda.synchronize()
+        update(out, x, keep, fields)
+    sync(device)
     return (time.perf_counter() - t0) / reps, out
 
 
 def main(reps: int = 50) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16
-    every = set(FIELDS) - {"count"}
+    every = frozenset(FIELDS) - {"count"}
     print(f"device {device}, activations {dtype}, {reps} calls per case")
     for tokens, channels in CASES:
         x = torch.randn(tokens, channels, device=device, dtype=dtype) * 3  # (T, C)
         for keep in (None, torch.ones(tokens, dtype=torch.bool, device=device)):
-            for fields in (every, {"sum_abs"}):
-                res = {}
-                for name in ("_update_chunked", "_update_fused"):
-
-                    def fn(st, name=name, x=x, keep=keep, fields=fields):
-                        getattr(st, name)(x, keep, fields)
-
-                    fn.n_channels = channels
-                    res[name] = _time(fn, reps, device)
-                (t_c, a), (t_f, b) = res["_update_chunked"], res["_update_fused"]
+            for fields in (every, frozenset({"sum_abs"})):
+                t_c, a = _time(ChannelStats._update_chunked, x, keep, fields, reps, device)
+                t_f, b = _time(ChannelStats._update_fused, x, keep, fields, reps, device)
                 diff = max(
                     float(((getattr(a, f) - getattr(b, f)).abs() / getattr(a, f).abs()).max())
                     for f in fields

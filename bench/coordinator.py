@@ -38,7 +38,8 @@ from typing import Any
 
 import torch
 
-from bench.common import SHAPES, abba, figure, fmt_s, goal, human_bytes, summarize
+from bench.common import SHAPES, abba, figure, fmt_s, goal, human_bytes, rss_bytes, summarize
+from bench.memory import stats_bytes
 from longact.core.adapters import QKLayout
 from longact.core.masks import MaskSet
 from longact.core.stats import ChannelStats, QKStats
@@ -104,9 +105,7 @@ def _actor_pid(self) -> int:
 
 def proc_memory(pid: int) -> dict[str, int]:
     """RSS and peak RSS (VmHWM) of a local process, in bytes."""
-    import psutil
-
-    out = {"rss": psutil.Process(pid).memory_info().rss, "peak": 0}
+    out = {"rss": rss_bytes(pid), "peak": 0}
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
@@ -255,7 +254,7 @@ def refresh_bytes(
     ``vectors`` (C,) vectors: 3 for every field, 1 for the score's fields the runtime
     sends), the bit-packed mask set out to every rank (1 bit per W_Q/W_K row); headers
     not counted."""
-    per_rank = sum((1 + vectors * c) * elem_bytes for c in layout.row_counts().values())
+    per_rank = stats_bytes(layout, elem_bytes, vectors)
     mask = -(-sum(layout.row_counts().values()) // 8)
     return {
         "stats_per_rank": per_rank,

@@ -25,9 +25,10 @@ from longact.core.masks import mask_memory_bytes
 FLOAT64 = 8
 
 
-def stats_bytes(layout: QKLayout, elem_bytes: int = FLOAT64) -> int:
-    """One QKStats: per key a count and three (C,) vectors (= the flat form's size)."""
-    return sum((1 + 3 * c) * elem_bytes for c in layout.row_counts().values())
+def stats_bytes(layout: QKLayout, elem_bytes: int = FLOAT64, vectors: int = 3) -> int:
+    """One QKStats: per key a count and ``vectors`` (C,) vectors (3: every field, the
+    flat form's size; 1: the score's field, what the training runtime sends)."""
+    return sum((1 + vectors * c) * elem_bytes for c in layout.row_counts().values())
 
 
 def qk_params(layout: QKLayout, hidden: int) -> int:

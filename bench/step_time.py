@@ -91,21 +91,20 @@ def run_env() -> dict[str, str]:
 
 def one_run(data: dict, run_dir: Path, arm: str, steps: int, extra: list[str], log=print) -> dict:
     """Run the trainer once; {step: {metric: value}} plus wall time."""
-    from longact.demo.logs import STEP_RE, parse_step_metrics
+    from longact.demo.logs import parse_step_metrics
     from longact.demo.runner import stream
 
     run_dir.mkdir(parents=True, exist_ok=True)
+    metrics: dict[int, dict[str, float]] = {}
 
     def on_line(line: str) -> None:
-        m = STEP_RE.search(line)
-        if m:
-            got = parse_step_metrics(line).get(int(m.group(1)), {})
-            log(f"    {arm}: step {m.group(1)}/{steps}, step {got.get('timing_s/step', 0):.2f} s")
+        for step, got in parse_step_metrics(line).items():  # a later line wins, as in the log
+            metrics.setdefault(step, {}).update(got)
+            log(f"    {arm}: step {step}/{steps}, step {got.get('timing_s/step', 0):.2f} s")
 
     t0 = time.perf_counter()
     stream(command(data, run_dir, arm, steps, extra), run_dir / "train.log", on_line, run_env())
     wall = time.perf_counter() - t0
-    metrics = parse_step_metrics((run_dir / "train.log").read_text(errors="replace"))
     if sorted(metrics) != list(range(1, steps + 1)):
         raise RuntimeError(f"{arm} run logged steps {sorted(metrics)}; see {run_dir}/train.log")
     return {"wall_s": wall, "steps": metrics}

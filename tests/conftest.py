@@ -3,9 +3,13 @@ downloaded."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
+
+# tests/core/longact_tiny.py (tiny HF decoders from configs) serves every test folder
+sys.path.insert(0, str(Path(__file__).parent / "core"))
 
 
 @pytest.fixture(scope="session")

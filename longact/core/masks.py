@@ -109,21 +109,31 @@ def _need_scores(scores: torch.Tensor | None, name: str) -> torch.Tensor:
 
 
 def _first(order: torch.Tensor, n_keep: int, n_units: int) -> torch.Tensor:
-    mask = torch.zeros(n_units, dtype=torch.bool)
-    mask[order[:n_keep].cpu()] = True
+    """(..., U) bool: True at the first ``n_keep`` indices of each row of ``order``."""
+    mask = torch.zeros(order.shape, dtype=torch.bool)
+    mask.scatter_(-1, order[..., :n_keep].cpu(), True)
     return mask
 
 
+def _batched(fn: PolicyFn) -> PolicyFn:
+    """Marks a policy that also takes (L, U) scores (one row per layer) and decides each
+    row on its own, so ``build_masks`` may call it once for all layers of a projection."""
+    fn.batched = True  # type: ignore[attr-defined]
+    return fn
+
+
 @POLICIES.register("topk")
+@_batched
 def policy_topk(scores: torch.Tensor | None, n_units: int, k: int, gen: torch.Generator):
     s = _need_scores(scores, "topk")  # stable sort: ties go to the lower index
-    return _first(torch.sort(s, descending=True, stable=True).indices, k, n_units)
+    return _first(torch.sort(s, dim=-1, descending=True, stable=True).indices, k, n_units)
 
 
 @POLICIES.register("bottomk")
+@_batched
 def policy_bottomk(scores: torch.Tensor | None, n_units: int, k: int, gen: torch.Generator):
     s = _need_scores(scores, "bottomk")
-    return _first(torch.sort(s, descending=False, stable=True).indices, k, n_units)
+    return _first(torch.sort(s, dim=-1, descending=False, stable=True).indices, k, n_units)
 
 
 @POLICIES.register("random")
@@ -196,11 +206,11 @@ def build_masks(
     score_fn, _ = SCORES.get(score), POLICIES.get(policy)
     GRANULARITIES.get(granularity)
     masks = {}
-    if policy in _SORTED and stats is not None:
-        for proj in ("q", "k"):
+    if getattr(POLICIES.get(policy), "batched", False) and stats is not None:
+        for proj in ("q", "k"):  # one policy call per projection instead of per layer
             keys = [k for k in layout if k[1] == proj]
             if keys and all(k in stats and stats.token_count(k) > 0 for k in keys):
-                masks.update(_sorted_masks(stats, layout, keys, ratio, policy, granularity, score))
+                masks.update(_masks_at_once(stats, layout, keys, ratio, policy, granularity, score))
     for key in layout:
         if key in masks:
             continue
@@ -222,10 +232,7 @@ def build_masks(
     return MaskSet(masks, version=version, meta=meta)
 
 
-_SORTED = {"topk": True, "bottomk": False}  # policy -> descending
-
-
-def _sorted_masks(
+def _masks_at_once(
     stats: QKStats,
     layout: QKLayout,
     keys: list[Key],
@@ -234,17 +241,13 @@ def _sorted_masks(
     granularity: str,
     score: str,
 ) -> dict[Key, torch.Tensor]:
-    """topk / bottomk for all layers of one projection with one stable sort over a
-    (L, U) score matrix: the same masks as ``select_rows`` key by key (each row sorts
-    on its own; ties still go to the lower index), one sort instead of L."""
+    """A batched policy over the (L, U) unit scores of all layers of one projection: the
+    same masks as ``select_rows`` key by key, in one call (one sort for topk)."""
     gran, d = GRANULARITIES.get(granularity), layout.head_dim
     n_units = gran.n_units(layout.rows(keys[0][1]), d)
     score_fn = SCORES.get(score)
     unit = torch.stack([gran.pool(score_fn(stats[k]).detach().double().cpu(), d) for k in keys])
-    _need_scores(unit, policy)  # (L, U)
-    order = torch.sort(unit, dim=1, descending=_SORTED[policy], stable=True).indices
-    keep = torch.zeros(unit.shape, dtype=torch.bool)
-    keep.scatter_(1, order[:, : n_keep(ratio, n_units)], True)  # (L, U)
+    keep = POLICIES.get(policy)(unit, n_units, n_keep(ratio, n_units), None)  # (L, U)
     return {k: gran.expand(keep[i], d).clone() for i, k in enumerate(keys)}
 
 

@@ -30,8 +30,9 @@ or count 0) contributes nothing: the other side is returned unchanged.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,29 @@ from longact.core.adapters import Key, key_str, parse_key
 
 FIELDS = ("count", "sum_abs", "sum_sq", "max_abs")
 _CHUNK_ELEMS = 1 << 22  # float64 working set per chunk: 32 MiB
+
+
+def check_fields(layout: Iterable[tuple[Key, int]], flat: Mapping[str, Any]) -> None:
+    """Raise unless every entry of ``flat`` is a known field of the shape
+    ``QKStats.to_fields`` gives over ``layout``: count (K,), the others (R,)."""
+    layout = list(layout)
+    rows = sum(c for _, c in layout)
+    for f, v in flat.items():
+        want = len(layout) if f == "count" else rows
+        if f not in FIELDS or tuple(v.shape) != (want,):
+            raise ValueError(
+                f"statistics field {f!r} of shape {tuple(v.shape)} does not fit the layout "
+                f"({len(layout)} keys, {rows} channels; valid fields: {', '.join(FIELDS)})"
+            )
+
+
+@functools.cache
+def _accumulated(fields: tuple[str, ...]) -> frozenset[str]:
+    """The per-channel fields to accumulate (checked once per distinct tuple)."""
+    bad = sorted(set(fields) - set(FIELDS))
+    if bad:
+        raise ValueError(f"unknown statistics fields {bad}")
+    return frozenset(fields) - {"count"}
 
 
 _BLOCK = 1024  # tokens per float32 partial sum on accelerators
@@ -119,9 +143,7 @@ class ChannelStats:
             keep = mask.detach().reshape(-1).to(device=x.device, dtype=torch.bool)  # (N,)
             if keep.shape[0] != x.shape[0]:
                 raise ValueError(f"mask has {keep.shape[0]} tokens, activation {x.shape[0]}")
-        fields = set(fields) - {"count"}
-        if fields - set(FIELDS):
-            raise ValueError(f"unknown statistics fields {sorted(fields - set(FIELDS))}")
+        fields = _accumulated(tuple(fields))
         if x.device.type == "cpu":
             self._update_chunked(x, keep, fields)
         else:
@@ -129,7 +151,7 @@ class ChannelStats:
         self.count += x.shape[0] if keep is None else keep.sum()
         return self
 
-    def _update_chunked(self, x: torch.Tensor, keep: torch.Tensor | None, fields: set) -> None:
+    def _update_chunked(self, x: torch.Tensor, keep: torch.Tensor | None, fields: Set[str]) -> None:
         step = max(1, _CHUNK_ELEMS // max(1, x.shape[1]))
         for start in range(0, x.shape[0], step):
             a = x[start : start + step].to(torch.float64).abs_()  # (n, C)
@@ -142,7 +164,7 @@ class ChannelStats:
             if "max_abs" in fields:
                 torch.maximum(self.max_abs, a.amax(0), out=self.max_abs)
 
-    def _update_fused(self, x: torch.Tensor, keep: torch.Tensor | None, fields: set) -> None:
+    def _update_fused(self, x: torch.Tensor, keep: torch.Tensor | None, fields: Set[str]) -> None:
         if keep is not None:
             x = torch.where(keep[:, None], x, 0)  # (N, C), x's dtype; NaN-safe
         if "sum_abs" in fields:
@@ -340,11 +362,7 @@ class QKStats:
         """Inverse of :meth:`to_fields` over ``layout`` ((key, channels), sorted keys);
         fields absent from ``flat`` are zeros."""
         layout = list(layout)
-        rows = sum(c for _, c in layout)
-        for f, v in flat.items():
-            want = len(layout) if f == "count" else rows
-            if f not in FIELDS or tuple(v.shape) != (want,):
-                raise ValueError(f"field {f!r} of shape {tuple(v.shape)} does not fit the layout")
+        check_fields(layout, flat)
         entries, i = {}, 0
         for j, (key, c) in enumerate(layout):
             z = ChannelStats.zeros(c)

@@ -173,7 +173,7 @@ def stage_rl(cfg: dict, sft_model: Path, data_dir: Path, out: Path) -> dict:
     hf = f"ckpt/global_step_{steps}/actor/huggingface"
     if not (out / hf / "model.safetensors").is_file():
         raise RuntimeError(f"RL wrote no loadable model at {out / hf}")
-    vals = {s: _val_reward(m) for s, m in sorted(seen.items()) if _val_reward(m) is not None}
+    vals = {s: v for s, m in sorted(seen.items()) if (v := _val_reward(m)) is not None}
     return {"model": hf, "val_reward": vals, "seconds": time.time() - t0}
 
 
@@ -191,25 +191,32 @@ def stage_inspect(cfg: dict, sft_model: Path, rl_model: Path, data: Path, out: P
 
 
 # ---- driver ----------------------------------------------------------------------------
+def sft_key(cfg: dict) -> list:
+    """Cache key of the SFT warm-up stage (what its result depends on)."""
+    return [cfg["sft"], cfg["task"], cfg["model"]]
+
+
+def shared_stages(st: Stages, cfg: dict) -> tuple[Path, Path, Path]:
+    """model -> data -> SFT warm-up, the stages the demo and ``make reproduce`` share
+    (same cache keys, so either reuses the other's results); (model dir, data dir, SFT
+    model dir)."""
+    st.run("model", cfg["model"], lambda d: stage_model(cfg, d))
+    model_dir = st.dir("model") / "model"
+    key = [cfg["task"], cfg["sft"], cfg["rl"], cfg["model"]]
+    st.run("data", key, lambda d: stage_data(cfg, model_dir, d))
+    data_dir = st.dir("data")
+    sft = st.run(
+        "sft", sft_key(cfg), lambda d: stage_sft(cfg, model_dir, data_dir / "sft.parquet", d)
+    )
+    return model_dir, data_dir, st.dir("sft") / sft["model"]
+
+
 def run(out: Path, cfg: dict) -> Path:
     from longact.demo.report import write_report
 
     st = Stages(out, log=_say)
     t_start = time.time()
-    st.run("model", cfg["model"], lambda d: stage_model(cfg, d))
-    model_dir = st.dir("model") / "model"
-    st.run(
-        "data",
-        [cfg["task"], cfg["sft"], cfg["rl"], cfg["model"]],
-        lambda d: stage_data(cfg, model_dir, d),
-    )
-    data_dir = st.dir("data")
-    sft = st.run(
-        "sft",
-        [cfg["sft"], cfg["task"], cfg["model"]],
-        lambda d: stage_sft(cfg, model_dir, data_dir / "sft.parquet", d),
-    )
-    sft_model = st.dir("sft") / sft["model"]
+    _, data_dir, sft_model = shared_stages(st, cfg)
     ev_sft = st.run(
         "eval_sft", [cfg["eval"], cfg["sft"], cfg["task"]], lambda d: stage_eval(cfg, sft_model, d)
     )

@@ -51,9 +51,7 @@ def _plot_accuracy(before: dict, after: dict, cfg: dict, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
     for acc, label, style in ((before, "after warm-up (SFT)", "s--"), (after, "after RL", "o-")):
         xs = sorted(int(k) for k in acc)
-        ax.plot(
-            xs, [acc[str(x)] if str(x) in acc else acc[x] for x in xs], style, lw=2, label=label
-        )
+        ax.plot(xs, [acc[str(x)] for x in xs], style, lw=2, label=label)
     lo, hi = min(cfg["sft"]["lengths"]), max(cfg["sft"]["lengths"])
     ax.axvspan(lo, hi, color="#3498db", alpha=0.12, label="warm-up lengths")
     ax.axvline(cfg["rl"]["train_length"], color="#c0392b", ls=":", label="RL length")

@@ -26,8 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-from longact.demo.pipeline import _say, load_config, stage_data, stage_eval, stage_model, stage_rl
-from longact.demo.pipeline import stage_sft as _stage_sft
+from longact.demo.pipeline import (
+    _say,
+    load_config,
+    sft_key,
+    shared_stages,
+    stage_eval,
+    stage_rl,
+)
 from longact.demo.runner import Stages
 
 # two-sided 97.5% quantiles of Student's t for small degrees of freedom
@@ -72,21 +78,11 @@ def verdict(diff: float, half: float) -> str:
 
 def run(shared: Path, out: Path, cfg: dict) -> dict:
     rep = cfg["reproduce"]
-    base = Stages(shared, log=_say)
-    base.run("model", cfg["model"], lambda d: stage_model(cfg, d))
-    model_dir = base.dir("model") / "model"
-    key = [cfg["task"], cfg["sft"], cfg["rl"], cfg["model"]]
-    base.run("data", key, lambda d: stage_data(cfg, model_dir, d))
-    data_dir = base.dir("data")
-    sft_key = [cfg["sft"], cfg["task"], cfg["model"]]
-    sft = base.run(
-        "sft", sft_key, lambda d: _stage_sft(cfg, model_dir, data_dir / "sft.parquet", d)
-    )
-    sft_model = base.dir("sft") / sft["model"]
+    _, data_dir, sft_model = shared_stages(Stages(shared, log=_say), cfg)
 
     st = Stages(out, log=_say)
     ev_cfg = {**cfg, "eval": {"lengths": rep["eval_lengths"], "samples": rep["eval_samples"]}}
-    st.run("eval_sft", [ev_cfg["eval"], sft_key], lambda d: stage_eval(ev_cfg, sft_model, d))
+    st.run("eval_sft", [ev_cfg["eval"], sft_key(cfg)], lambda d: stage_eval(ev_cfg, sft_model, d))
     results: dict[str, dict[int, dict[int, float]]] = {}
     for arm, arm_overrides in rep["arms"].items():
         for seed in rep["seeds"]:
@@ -106,7 +102,7 @@ def run(shared: Path, out: Path, cfg: dict) -> dict:
             _say(f"== {name} ==")
             rl = st.run(
                 f"rl_{name}",
-                [rl_cfg, sft_key],
+                [rl_cfg, sft_key(cfg)],
                 lambda d, c=run_cfg: stage_rl(c, sft_model, data_dir, d),
             )
             model = st.dir(f"rl_{name}") / rl["model"]

@@ -44,7 +44,7 @@ import torch
 
 from longact.core.adapters import QKLayout, key_str
 from longact.core.masks import MaskSet, build_masks
-from longact.core.stats import FIELDS, QKStats, ema
+from longact.core.stats import FIELDS, QKStats, check_fields, ema
 
 ACTOR_PREFIX = "longact_coordinator_"
 FLAT_FORMAT = "flat"
@@ -155,14 +155,7 @@ class SaliencyCoordinator:
             if list(stats_state["keys"]) != keys:
                 raise ValueError("flat statistics do not cover the coordinator's layout")
             got = {f: _as_float64(v) for f, v in stats_state["fields"].items()}
-            rows = sum(c for _, c in flat_layout)
-            for f, v in got.items():
-                want = len(keys) if f == "count" else rows
-                if f not in FIELDS or tuple(v.shape) != (want,):
-                    raise ValueError(
-                        f"flat statistics field {f!r} of shape {tuple(v.shape)} does not "
-                        f"match the coordinator's layout (valid fields: {', '.join(FIELDS)})"
-                    )
+            check_fields(flat_layout, got)
             if "count" not in got:
                 raise ValueError("flat statistics have no 'count' field")
             return got

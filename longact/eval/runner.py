@@ -157,8 +157,8 @@ def evaluate(
     records = lb.load(longbench)[:n] if longbench else []
     jobs = []  # (task, length, rows)
     for task in tasks:
+        opts = {k: v for k, v in (task_opts or {}).items() if k in OPTIONS[task]}
         for length in lengths:
-            opts = {k: v for k, v in (task_opts or {}).items() if k in OPTIONS[task]}
             jobs.append((task, length, make_dataset(task, tok, length, n, seed=seed, **opts)))
     for length in lengths if records else []:
         jobs.append((lb.DATA_SOURCE, length, lb.make_rows(records, tok, length)))

@@ -30,6 +30,7 @@ Results are plain JSON-able dicts; per-channel values live under ``"channels"`` 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,21 +124,17 @@ def _check_settings(
 
 def _load(model_dir: str | Path):
     """(resolved path, tokenizer, base decoder, adapter, layout); errors before weights load."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from longact.eval.runner import EvalError, resolve_model_dir
+    from longact.eval.runner import EvalError, load_tokenizer, resolve_model_dir
 
     try:
         path = resolve_model_dir(model_dir)
+        config = AutoConfig.from_pretrained(path)
+        adapter = get_adapter(config)  # unsupported model_type: lists the supported ones
+        tok = load_tokenizer(path)  # chat template required, pad token set
     except EvalError as e:
         raise InspectError(str(e)) from None
-    config = AutoConfig.from_pretrained(path)
-    adapter = get_adapter(config)  # unsupported model_type: lists the supported ones
-    tok = AutoTokenizer.from_pretrained(path)
-    if not getattr(tok, "chat_template", None):
-        raise InspectError(f"the tokenizer in {path} has no chat template")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
     tok.padding_side = "right"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -165,6 +162,15 @@ def _key_metrics(m: torch.Tensor, mask: torch.Tensor, head_dim: int) -> dict[str
 
 
 METRICS = ("top10_share", "top30_share", "max_over_mean", "kept_mass", "low_freq_top30")
+
+
+def _by_proj(rows: list[dict], reduce: Callable[[list[dict]], Any]) -> dict[str, Any]:
+    """``reduce`` over the q rows, the k rows and all rows (each row has a "proj")."""
+    return {
+        "q": reduce([r for r in rows if r["proj"] == "q"]),
+        "k": reduce([r for r in rows if r["proj"] == "k"]),
+        "all": reduce(rows),
+    }
 
 
 def _means(rows: list[dict]) -> dict[str, float]:
@@ -244,11 +250,7 @@ def inspect_model(
             "seed": seed,
         },
         "keys": keys,
-        "overall": {
-            "q": _means([r for r in keys if r["proj"] == "q"]),
-            "k": _means([r for r in keys if r["proj"] == "k"]),
-            "all": _means(keys),
-        },
+        "overall": _by_proj(keys, _means),
         "channels": channels,
     }
 
@@ -285,11 +287,7 @@ def compare_results(a: dict, b: dict) -> dict[str, Any]:
         "model": b["model"],
         "model_name": b["model_name"],
         "jaccard": per_key,
-        "jaccard_mean": {
-            "q": mean([r for r in per_key if r["proj"] == "q"]),
-            "k": mean([r for r in per_key if r["proj"] == "k"]),
-            "all": mean(per_key),
-        },
+        "jaccard_mean": _by_proj(per_key, mean),
         "other": b,
     }
     a["compare"] = out

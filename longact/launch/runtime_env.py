@@ -305,22 +305,23 @@ def stage_job(
     # ignore files have been applied; copied into the stage, Ray would apply them again,
     # to the staged longact/ package too (a `data/` line would strip longact/data)
     files = [(rel, size) for rel, size in files if Path(rel).name not in IGNORE_FILES]
-    pkg_files: list[tuple[str, Path]] = []
+    pkg_files: list[tuple[str, Path, int]] = []  # (staged path, source, size)
     if code == "local":
         pkg_root = sources[PACKAGE]
         mapped = {sources[f"{PACKAGE}.{sub}"]: sub for sub in MAPPED_SUBPACKAGES}
-        for rel, _ in collect_files(pkg_root, PACKAGE_EXCLUDES):
-            pkg_files.append((f"{PACKAGE}/{rel}", pkg_root / rel))
+        for rel, size in collect_files(pkg_root, PACKAGE_EXCLUDES):
+            pkg_files.append((f"{PACKAGE}/{rel}", pkg_root / rel, size))
         for src, sub in mapped.items():
             if src.parent == pkg_root:  # already inside (non-editable install)
                 continue
-            for rel, _ in collect_files(src, PACKAGE_EXCLUDES):
-                pkg_files.append((f"{PACKAGE}/{sub}/{rel}", src / rel))
-    all_files = files + [(rel, src.stat().st_size) for rel, src in pkg_files]
+            for rel, size in collect_files(src, PACKAGE_EXCLUDES):
+                pkg_files.append((f"{PACKAGE}/{sub}/{rel}", src / rel, size))
+    all_files = files + [(rel, size) for rel, _, size in pkg_files]
     check_size(all_files, max_bytes, working_dir)
 
     stage = Path(tempfile.mkdtemp(prefix="longact-submit-")) / "working_dir"
-    for rel, src in [(rel, working_dir / rel) for rel, _ in files] + pkg_files:
+    copies = [(rel, working_dir / rel) for rel, _ in files] + [(r, s) for r, s, _ in pkg_files]
+    for rel, src in copies:
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dst)

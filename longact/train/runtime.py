@@ -41,6 +41,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -195,23 +196,23 @@ class LongActRuntime:
         """Start the refresh at ``step``: a Ray object ref, or a Future in-process."""
         payload = stats_payload(stats, self._fields)
         coord = self.coordinator
-        if isinstance(coord, SaliencyCoordinator):  # in-process, one rank
-            if self._pool is None:
-                from concurrent.futures import ThreadPoolExecutor
+        if not isinstance(coord, SaliencyCoordinator):
+            return coord.exchange.remote(self.rank, step, payload)
 
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="longact-refresh")
+        def run() -> dict:  # in-process, one rank
+            coord.submit(self.rank, step, payload)
+            return coord.get(step)
 
-            def run() -> dict:
-                coord.submit(self.rank, step, payload)
-                return coord.get(step)
-
-            return self._pool.submit(run)
-        return coord.exchange.remote(self.rank, step, payload)
+        if not self.cfg.get("refresh_async", False):  # synchronous: no thread needed
+            done: Future = Future()
+            done.set_result(run())
+            return done
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="longact-refresh")
+        return self._pool.submit(run)
 
     @staticmethod
     def _resolve(handle: Any) -> dict:
-        from concurrent.futures import Future
-
         if isinstance(handle, Future):  # in-process coordinator
             return handle.result()
         import ray

@@ -1,14 +1,8 @@
 """Fixtures for the longact.core tests: tiny models built from configs, CPU only."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).parent))  # for longact_tiny (any import mode)
-
-from longact_tiny import tiny_model
+from longact_tiny import tiny_model  # on sys.path through tests/conftest.py
 
 
 @pytest.fixture(autouse=True)

@@ -68,15 +68,11 @@ def test_runtime_refreshes_through_the_ray_actor(ray_cluster, refresh_async):
     """LongActRuntime against the named Ray actor, one rank, sync and async refreshes:
     versions as in-process, frozen rows bit-identical."""
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from longact_tiny import tiny_model
 
     from longact.train.runtime import LongActRuntime
 
-    torch.manual_seed(0)
-    model = Qwen3ForCausalLM(
-        Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=8)
-    ).train()  # fmt: skip
+    model = tiny_model("qwen3", seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     cfg = {"ratio": 0.25, "run_id": uuid.uuid4().hex[:8], "refresh_async": refresh_async}
     rt = LongActRuntime(model, opt, cfg)

@@ -5,27 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from longact_tiny import tiny_model
 
 from longact.core.adapters import get_adapter
 from longact.distributed.coordinator import SaliencyCoordinator
 from longact.train.runtime import LongActRuntime
 
 CFG = {"ratio": 0.25, "policy": "topk", "score": "mean_abs", "refresh_interval": 2}
-
-
-def _model() -> Qwen3ForCausalLM:
-    torch.manual_seed(0)
-    cfg = Qwen3Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-    )
-    return Qwen3ForCausalLM(cfg).train()
 
 
 def _train_step(rt: LongActRuntime, model, opt, seed: int) -> None:
@@ -40,7 +26,7 @@ def _train_step(rt: LongActRuntime, model, opt, seed: int) -> None:
 
 
 def test_in_process_coordinator_runs_the_refresh_protocol():
-    model = _model()
+    model = tiny_model("qwen3", seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     layout = get_adapter(model).layout(model)
     coord = SaliencyCoordinator(CFG, layout, world_size=1)
@@ -66,7 +52,7 @@ def test_in_process_coordinator_runs_the_refresh_protocol():
 
 
 def test_in_process_coordinator_must_serve_one_rank():
-    model = _model()
+    model = tiny_model("qwen3", seed=0)
     opt = torch.optim.AdamW(model.parameters())
     layout = get_adapter(model).layout(model)
     with pytest.raises(ValueError, match="exactly one rank; got one for 2"):
@@ -78,7 +64,7 @@ def test_async_refresh_installs_masks_one_step_later(tmp_path):
     t+1; frozen rows stay bit-identical; a checkpoint first installs the refresh in
     flight."""
     cfg = dict(CFG, refresh_interval=1, refresh_async=True)
-    model = _model()
+    model = tiny_model("qwen3", seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     coord = SaliencyCoordinator(cfg, get_adapter(model).layout(model), world_size=1)
     rt = LongActRuntime(model, opt, cfg, coordinator=coord)
