@@ -46,7 +46,8 @@ def engine_class():
     from verl.utils.device import get_device_name
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
-    from longact.train.runtime import LongActRuntime, config_from_env
+    from longact.config import LongActConfig
+    from longact.train.runtime import LongActRuntime
 
     class LongActFSDPEngine(FSDPEngineWithLMHead):
         longact: LongActRuntime | None = None
@@ -59,10 +60,16 @@ def engine_class():
 
         def initialize(self):
             super().initialize()
-            cfg = config_from_env()
+            cfg = LongActConfig.from_env()
             if cfg is not None and not self.engine_config.forward_only:
                 path = getattr(self.model_config, "local_path", None) or self.model_config.path
                 self.longact = LongActRuntime(self.module, self.optimizer, cfg, model_path=path)
+
+        def to(self, device, *args, **kwargs):
+            out = super().to(device, *args, **kwargs)
+            if self.longact is not None and str(device) == "cpu":
+                self.longact.offloaded()  # param / optimizer offload: no accelerator memory
+            return out
 
         def optimizer_step(self):
             if self.longact is None:

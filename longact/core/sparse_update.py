@@ -40,7 +40,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -62,7 +62,20 @@ class _Target:
     param: nn.Parameter
     start: int  # global rows [start, stop) held locally
     stop: int
-    frozen: torch.Tensor  # (n_frozen_local,) long, local row indices, on the param device
+    frozen: torch.Tensor  # (n_frozen_local,) long, local row indices, always on the CPU
+    _on: dict[torch.device, torch.Tensor] = field(default_factory=dict)  # device copies
+
+    def frozen_on(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``frozen`` on ``tensor``'s device (cached per device). Parameters, gradients
+        and optimizer state move between devices under verl's param / optimizer offload,
+        so the index follows the tensor it indexes at each use."""
+        dev = tensor.device
+        if dev.type == "cpu":
+            return self.frozen
+        idx = self._on.get(dev)
+        if idx is None:
+            idx = self._on[dev] = self.frozen.to(dev, non_blocking=True)
+        return idx
 
 
 def _state_tensors(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, Any]:
@@ -93,7 +106,7 @@ class RowMaskGuard:
         self.targets: list[_Target] = []
         for name, ref, param in self.adapter.qk_params(model):
             start, stop = local_row_range(param)
-            empty = torch.zeros(0, dtype=torch.long, device=param.device)
+            empty = torch.zeros(0, dtype=torch.long)
             self.targets.append(_Target(name, ref, param, start, stop, empty))
         if not self.targets:
             raise ValueError(
@@ -149,12 +162,19 @@ class RowMaskGuard:
                         "moments are reset (or use reentry='keep')"
                     )
                 if self.reentry == "reset" and optimizer is not None and entering.numel():
-                    idx = entering.to(t.param.device)
                     for v in _state_tensors(optimizer, t.param).values():
-                        local_tensor(v).index_fill_(0, idx, 0)
-            t.frozen = (~new_local).nonzero().squeeze(1).to(t.param.device)
+                        local = local_tensor(v)
+                        local.index_fill_(0, entering.to(local.device), 0)
+            t.frozen = (~new_local).nonzero().squeeze(1)
+            t._on.clear()
         self.masks = masks
         return {"rows_entering": entering_total, "rows_leaving": leaving_total}
+
+    def drop_device_copies(self) -> None:
+        """Free the accelerator copies of the frozen-row indices (the model is being
+        offloaded: LongAct then holds no accelerator memory)."""
+        for t in self.targets:
+            t._on.clear()
 
     def frozen_fraction(self) -> float:
         """Share of W_Q/W_K rows (weights only, global) kept fixed."""
@@ -167,7 +187,8 @@ class RowMaskGuard:
         """Zero the frozen rows of W_Q/W_K grads (and q/k bias entries). Before clipping."""
         for t in self.targets:
             if t.frozen.numel() and t.param.grad is not None:
-                local_tensor(t.param.grad).index_fill_(0, t.frozen, 0)
+                grad = local_tensor(t.param.grad)
+                grad.index_fill_(0, t.frozen_on(grad), 0)
 
     @contextmanager
     def protect(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
@@ -177,11 +198,12 @@ class RowMaskGuard:
             for i, t in enumerate(self.targets):
                 if not t.frozen.numel():
                     continue
-                state = {
-                    k: self._rows((i, k), local_tensor(v), t.frozen)
-                    for k, v in _state_tensors(optimizer, t.param).items()
-                }
-                saved.append((t, self._rows((i, ""), local_tensor(t.param), t.frozen), state))
+                state = {}
+                for k, v in _state_tensors(optimizer, t.param).items():
+                    local = local_tensor(v)
+                    state[k] = self._rows((i, k), local, t.frozen_on(local))
+                param = local_tensor(t.param)
+                saved.append((t, self._rows((i, ""), param, t.frozen_on(param)), state))
         try:
             yield
         finally:
@@ -201,12 +223,14 @@ class RowMaskGuard:
     @torch.no_grad()
     def _restore(optimizer: torch.optim.Optimizer, saved: list) -> None:
         for t, rows, state in saved:
-            local_tensor(t.param).index_copy_(0, t.frozen, rows)
+            param = local_tensor(t.param)
+            param.index_copy_(0, t.frozen_on(param), rows)
             for k, v in _state_tensors(optimizer, t.param).items():
+                local = local_tensor(v)
                 if k in state:
-                    local_tensor(v).index_copy_(0, t.frozen, state[k])
+                    local.index_copy_(0, t.frozen_on(local), state[k].to(local.device))
                 else:  # created by this step: frozen rows keep the initial zeros
-                    local_tensor(v).index_fill_(0, t.frozen, 0)
+                    local.index_fill_(0, t.frozen_on(local), 0)
 
     def step(self, optimizer: torch.optim.Optimizer, closure: Callable | None = None) -> Any:
         """``optimizer.step()`` with the frozen rows protected."""

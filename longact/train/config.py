@@ -8,117 +8,15 @@ so a bad value fails in the driver with one clear line instead of in a Ray worke
 from __future__ import annotations
 
 import json
-import math
+import logging
 import uuid
-from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from longact.config import ConfigError, LongActConfig
 
-class ConfigError(ValueError):
-    """A config value LongAct cannot run with; the message names it and what is allowed."""
-
-
-@dataclass
-class CalibrationConfig:
-    """Profile-first mode: the first mask comes from a pass over calibration prompts."""
-
-    enable: bool = False
-    """Run the calibration pass before step 1 (otherwise the first mask is chosen from
-    the statistics of step 1's own training forwards, and step 1 trains with `full`)."""
-    data: str | None = None
-    """Parquet file in verl's RL format whose prompts are run through the model."""
-    num_samples: int = 32
-    """How many prompts of that file to run."""
-    batch_size: int = 4
-    """Prompts per forward pass during calibration."""
-
-
-@dataclass
-class LongActConfig:
-    """What LongAct does on top of verl's trainer (the ``longact:`` section)."""
-
-    enable: bool = True
-    """Master switch; false gives verl's plain RL."""
-    ratio: float = 0.3
-    """Fraction of q_proj / k_proj output channels kept trainable per layer and projection,
-    in (0, 1]."""
-    policy: str = "topk"
-    """topk (the method), bottomk or random (ablations), full (everything trainable)."""
-    score: str = "mean_abs"
-    """Per-channel statistic ranking the channels: mean_abs, rms or max_abs."""
-    granularity: str = "channel"
-    """Unit of selection: channel, rope_pair or head."""
-    capture_point: str = "proj"
-    """proj (q_proj / k_proj outputs) or norm (after q_norm / k_norm, Qwen3-style models)."""
-    refresh_interval: int = 1
-    """Recompute the masks every N optimizer steps (>= 1)."""
-    refresh_async: bool = False
-    """Overlap each refresh with the next step: masks from step t's statistics are
-    installed at step t+1 instead of step t, and the coordinator's work leaves the
-    critical path."""
-    ema: float = 0.0
-    """EMA decay in [0, 1) on per-channel statistics across refreshes."""
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    """Optional calibration pass (the paper's profile-first mode)."""
-    seed: int = 0
-    """Seed of the random policy."""
-    run_id: str = ""
-    """Names the run's saliency coordinator actor; generated when empty."""
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> LongActConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            listed = ", ".join(f"longact.{k}" for k in unknown)
-            raise ConfigError(f"unknown key(s) {listed}; valid: {', '.join(sorted(known))}")
-        raw = dict(raw)
-        cal = raw.pop("calibration", None) or {}
-        cal_known = {f.name for f in fields(CalibrationConfig)}
-        bad = sorted(set(cal) - cal_known)
-        if bad:
-            raise ConfigError(
-                f"unknown key(s) longact.calibration.{bad}; valid: {', '.join(sorted(cal_known))}"
-            )
-        cfg = cls(**raw, calibration=CalibrationConfig(**cal))
-        cfg.validate()
-        return cfg
-
-    def validate(self) -> None:
-        from longact.core.masks import GRANULARITIES, POLICIES, SCORES
-
-        r = self.ratio
-        if not isinstance(r, (int, float)) or math.isnan(r) or not (0.0 < r <= 1.0):
-            raise ConfigError(f"longact.ratio={r!r} is outside (0, 1]")
-        for name, reg, value in (
-            ("policy", POLICIES, self.policy),
-            ("score", SCORES, self.score),
-            ("granularity", GRANULARITIES, self.granularity),
-        ):
-            if value not in reg:
-                raise ConfigError(
-                    f"unknown longact.{name} {value!r}; valid: {', '.join(reg.names())}"
-                )
-        if self.capture_point not in ("proj", "norm"):
-            raise ConfigError(f"longact.capture_point={self.capture_point!r}; valid: norm, proj")
-        if not isinstance(self.refresh_interval, int) or self.refresh_interval < 1:
-            raise ConfigError(f"longact.refresh_interval={self.refresh_interval!r} must be >= 1")
-        if not isinstance(self.refresh_async, bool):
-            raise ConfigError(f"longact.refresh_async={self.refresh_async!r} must be true or false")
-        if not (0.0 <= self.ema < 1.0):
-            raise ConfigError(f"longact.ema={self.ema!r} is outside [0, 1)")
-        cal = self.calibration
-        if cal.enable:
-            if not cal.data or not Path(cal.data).is_file():
-                raise ConfigError(
-                    f"longact.calibration.enable=true needs longact.calibration.data to be a "
-                    f"parquet file; got {cal.data!r}"
-                )
-            if cal.num_samples < 1 or cal.batch_size < 1:
-                raise ConfigError("longact.calibration.num_samples and batch_size must be >= 1")
+log = logging.getLogger(__name__)
 
 
 def available_recipes() -> list[str]:
@@ -197,16 +95,36 @@ def _check_chat_template(p: Path) -> None:
         )
 
 
-def _check_platform(config: DictConfig) -> None:
-    import torch
+GPU_ROLLOUTS = ("vllm", "sglang", "trtllm")
 
-    rollout = config.actor_rollout_ref.rollout.name
-    if not torch.cuda.is_available() and rollout in ("vllm", "sglang", "trtllm"):
-        raise ConfigError(
-            f"rollout {rollout!r} needs a GPU and none is visible; on a CPU host use a *_cpu "
-            f"recipe (available: {', '.join(available_recipes())}) or "
-            "actor_rollout_ref.rollout.name=hf with +platform=cpu"
-        )
+
+def cluster_address(config: DictConfig) -> str | None:
+    """The Ray cluster this driver joins (``RAY_ADDRESS``, as ``ray job submit`` sets it
+    for the entrypoint, or ``ray_kwargs.ray_init.address``); None for a local run."""
+    import os
+
+    addr = config.get("ray_kwargs", {}).get("ray_init", {}).get("address") or os.environ.get(
+        "RAY_ADDRESS"
+    )
+    return None if not addr or str(addr) == "local" else str(addr)
+
+
+def cluster_gpus(address: str) -> float:
+    """GPUs the cluster at ``address`` declares, summed over its nodes (a head node
+    without GPUs counts 0). Connects and disconnects; verl connects again later."""
+    import ray
+
+    was = ray.is_initialized()
+    if not was:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    try:
+        return float(ray.cluster_resources().get("GPU", 0.0))
+    finally:
+        if not was:
+            ray.shutdown()
+
+
+def _check_platform(config: DictConfig, address: str | None) -> None:
     n = config.trainer.n_gpus_per_node
     if not isinstance(n, int) or n < 1:
         raise ConfigError(f"trainer.n_gpus_per_node={n!r}: the number of ranks must be >= 1")
@@ -216,47 +134,106 @@ def _check_platform(config: DictConfig) -> None:
         raise ConfigError(
             "longact-train runs verl's v1 trainer; trainer.use_v1=false is not supported"
         )
+    rollout = config.actor_rollout_ref.rollout.name
+    if rollout not in GPU_ROLLOUTS:
+        return
+    if address is None:  # a local run: this host's own devices
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"rollout {rollout!r} needs a GPU and none is visible; on a CPU host use a "
+                f"*_cpu recipe (available: {', '.join(available_recipes())}) or "
+                "actor_rollout_ref.rollout.name=hf with +platform=cpu"
+            )
+        return
+    # the driver runs on a head node, which often has no GPU: ask the cluster instead
+    want = n * int(config.trainer.nnodes)
+    have = cluster_gpus(address)
+    log.info("longact-train: cluster %s declares %g GPUs; the run asks for %d", address, have, want)
+    if have < want:
+        raise ConfigError(
+            f"the Ray cluster at {address} declares {have:g} GPUs, and the run asks for "
+            f"trainer.nnodes x trainer.n_gpus_per_node = {want}; add GPU workers or lower them"
+        )
+
+
+def _fix_path(value):
+    """A relative local path made absolute (Ray workers do not share the shell's cwd)."""
+    if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
+        p = Path(value).expanduser()
+        if p.exists() or value.startswith((".", "~")):
+            return str(p.resolve())
+    return value
 
 
 def _absolute_paths(config: DictConfig) -> None:
     """Relative local paths become absolute: Ray workers do not share the shell's cwd."""
-
-    def fix(value):
-        if (
-            isinstance(value, str)
-            and value
-            and "://" not in value
-            and not Path(value).is_absolute()
-        ):
-            p = Path(value).expanduser()
-            if p.exists() or value.startswith((".", "~")):
-                return str(p.resolve())
-        return value
-
     model = config.actor_rollout_ref.model
-    model.path = fix(model.path)
+    model.path = _fix_path(model.path)
     for key in ("train_files", "val_files"):
         files = config.data.get(key)
         if isinstance(files, str):
-            config.data[key] = fix(files)
+            config.data[key] = _fix_path(files)
         elif files is not None:
-            config.data[key] = [fix(f) for f in files]
+            config.data[key] = [_fix_path(f) for f in files]
     if config.trainer.get("default_local_dir"):
         d = str(config.trainer.default_local_dir)
         if not Path(d).is_absolute():
             config.trainer.default_local_dir = str(Path(d).resolve())
+    cal = config.longact.calibration
+    if cal.get("data"):
+        cal.data = _fix_path(str(cal.data))
+    if not cal.max_length:  # calibration prompts are cut like training prompts
+        cal.max_length = int(config.data.get("max_prompt_length") or 0)
+
+
+def _worker_only(path: str) -> bool:
+    """An absolute local path this (driver) node does not have: on a cluster it may exist
+    on the workers only (node-local disks, a mount the head lacks)."""
+    return "://" not in path and Path(path).is_absolute() and not Path(path).exists()
+
+
+def _check_files(config: DictConfig, longact: LongActConfig, address: str | None) -> None:
+    model = config.actor_rollout_ref.model.path
+    cal = longact.calibration.data if longact.calibration.enable else None
+    if address is not None:
+        unseen = [p for p in (model, cal) if p and _worker_only(str(p))]
+        if unseen:
+            log.warning(
+                "longact-train: %s not on the driver's node; left for the workers to check",
+                ", ".join(str(p) for p in unseen),
+            )
+        if model in unseen:
+            model = None
+        if cal in unseen:
+            cal = None
+    if model is not None:
+        _check_model_dir(model, longact)
+    if cal is not None and not Path(cal).is_file():
+        raise ConfigError(
+            f"longact.calibration.data={cal!r} is not a file (a parquet of prompts in "
+            "verl's RL format)"
+        )
 
 
 def prepare_config(config: DictConfig) -> DictConfig:
-    """Validate ``config`` in place and return it (raises ConfigError)."""
+    """Validate ``config`` in place and return it (raises ConfigError).
+
+    A local run checks the devices and files of this host. A driver joined to a Ray
+    cluster (``ray job submit``, or ``ray_kwargs.ray_init.address``) counts the cluster's
+    GPUs instead, and leaves absolute paths it cannot see to the workers (one log line).
+    """
     raw = OmegaConf.to_container(config.get("longact") or {}, resolve=True)
     longact = LongActConfig.from_dict(raw)
-    _check_platform(config)
-    with open_dict(config):
-        _absolute_paths(config)
-    _check_model_dir(config.actor_rollout_ref.model.path, longact)
+    address = cluster_address(config)
+    _check_platform(config, address)
     with open_dict(config):
         config.longact = OmegaConf.structured(longact)
+        _absolute_paths(config)
+        longact = LongActConfig.from_dict(OmegaConf.to_container(config.longact, resolve=True))
+    _check_files(config, longact, address)
+    with open_dict(config):
         if not config.longact.get("run_id"):
             # names this run's saliency coordinator (a Ray actor) on a shared cluster
             config.longact.run_id = uuid.uuid4().hex[:12]

@@ -21,8 +21,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from longact.config import CONFIG_ENV, LongActConfig, register_schema
 from longact.train.config import ConfigError, available_recipes, prepare_config
-from longact.train.runtime import CONFIG_ENV
+
+register_schema()  # the `longact:` section of every recipe (hydra_configs/longact_trainer.yaml)
 
 VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-dir", "-cd", "--experimental-rerun"}
 SEARCH_PATH = "hydra.searchpath=[pkg://longact.hydra_configs,pkg://verl.trainer.config]"
@@ -61,6 +63,29 @@ def hydra_argv(argv: list[str]) -> list[str]:
     return ["--config-name", recipe, SEARCH_PATH, *overrides, *flags]
 
 
+def task_runner_class(longact: LongActConfig):
+    """verl's v1 TaskRunner, which first creates the run's saliency coordinator.
+
+    The task runner is the Ray actor that drives the whole run, so the coordinator it
+    creates (and owns) lives exactly as long as the run; it is placed on the head node
+    (``longact.distributed.coordinator.create``). The training ranks find it by name.
+    """
+    import ray
+    from verl.trainer.main_ppo import TaskRunnerV1
+
+    base = TaskRunnerV1.__ray_actor_class__
+
+    class LongActTaskRunner(base):
+        def run(self, config):
+            from longact.distributed.coordinator import create
+
+            self.longact_coordinator = create(longact)  # held for the run's lifetime
+            return super().run(config)
+
+    LongActTaskRunner.__name__ = LongActTaskRunner.__qualname__ = "LongActTaskRunner"
+    return ray.remote(LongActTaskRunner)
+
+
 def run(config: DictConfig) -> None:
     """Validate, then run verl's trainer (the v1 trainer unless trainer.use_v1=false)."""
     from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
@@ -68,10 +93,11 @@ def run(config: DictConfig) -> None:
     from verl.utils.config import validate_config
 
     config = prepare_config(config)
+    longact = LongActConfig.from_dict(OmegaConf.to_container(config.longact, resolve=True))
     # Every Ray worker reads LongAct's section from its environment (the engine has no
     # access to the full config): the local cluster inherits the driver's environment,
     # and an existing cluster gets it through the job's runtime_env.
-    longact_yaml = OmegaConf.to_yaml(config.longact)
+    longact_yaml = longact.to_yaml()
     os.environ[CONFIG_ENV] = longact_yaml
     with open_dict(config):
         runtime_env = config.ray_kwargs.ray_init.runtime_env
@@ -90,7 +116,8 @@ def run(config: DictConfig) -> None:
         if "actor_rollout_ref.model" in str(e) and not Path(path).is_dir():
             hint = f"model path {path!r} is not a local directory, so it was taken as a hub id: "
         raise ConfigError(f"{hint}{type(e).__name__}: {e}") from e
-    run_ppo(config, task_runner_class=TaskRunnerV1)
+    runner = task_runner_class(longact) if longact.enable else TaskRunnerV1
+    run_ppo(config, task_runner_class=runner)
 
 
 @hydra.main(config_path="pkg://longact.recipes", config_name="grpo", version_base=None)

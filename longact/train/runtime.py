@@ -11,16 +11,27 @@
 - zeroes the frozen rows' gradients before clipping and keeps the frozen rows (and their
   optimizer state) bit-identical through ``optimizer.step()``;
 - saves and restores the coordinator's state and its own step counter with verl's
-  checkpoints (``longact_state.pt`` in the actor checkpoint folder);
+  checkpoints: every rank writes ``longact_state_rank{r}.pt`` beside verl's own shard
+  of that rank, atomically, and restores from its own file, so resuming from node-local
+  disks works (``longact_state.pt``, written by rank 0 of older versions, is read when
+  a rank finds no file of its own);
 - reports where its time goes, per optimizer step, as host wall-clock seconds
   (``longact/capture_s`` in the hooks, ``longact/mask_s`` zeroing frozen gradient rows,
   ``longact/snapshot_s`` and ``longact/restore_s`` around ``optimizer.step()``;
   ``longact/rank_refresh_s`` on refresh steps). On CUDA, kernels run asynchronously,
   so these are launch times unless something synchronizes.
 
-The coordinator is the run's named Ray actor. A single process without Ray (a
-benchmark, a notebook) passes a plain :class:`SaliencyCoordinator` for one rank as
-``coordinator=`` and the same protocol runs in-process.
+The coordinator is the run's named Ray actor, reached through a client
+(``longact.distributed.client``); a single process without Ray (a benchmark, a
+notebook) passes a plain :class:`SaliencyCoordinator` for one rank as ``coordinator=``
+and the same protocol runs in-process.
+
+Faults: every wait is bounded by ``longact.timeout_s``; a failed refresh raises
+:class:`RefreshError` on every rank with the coordinator's message; non-finite
+statistics keep the masks in force (the coordinator decides, so all ranks agree). A
+coordinator that died is rebuilt from the masks this rank holds, after Ray restarted it
+(at most ``longact.coordinator_restarts`` times), and the refresh in progress is sent
+again: the masks and version continue unchanged, the running statistics restart empty.
 
 With ``refresh_async`` the refresh leaves the critical path: the statistics of step t
 are sent at step t, the coordinator merges them and picks masks while the rank runs
@@ -31,9 +42,11 @@ mode; a checkpoint first installs the refresh in flight.
 Optimizer steps are counted here, so ``refresh_interval`` is in optimizer steps (verl
 runs one per PPO mini-batch). Without calibration, the first mask is chosen at optimizer
 step 1 from the statistics of step 1's own forwards, before that step is applied. With
-``calibration.enable`` (the paper's profile-first mode) it is chosen before step 1 from
-a pass over calibration prompts, and the next refresh comes ``refresh_interval`` steps
-later.
+``calibration.enable`` (the paper's profile-first mode) it is chosen at step 1, before
+that step is applied, from a pass over calibration prompts (eval mode, no KV cache, the
+logits of the last position only, prompts cut to ``calibration.max_length`` tokens), and
+the next refresh comes ``refresh_interval`` steps later. A resumed run restores its masks
+and never calibrates again.
 """
 
 from __future__ import annotations
@@ -41,31 +54,27 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from longact.config import LongActConfig
 from longact.core.adapters import get_adapter
 from longact.core.capture import QKCapture
 from longact.core.masks import MaskSet
 from longact.core.sparse_update import RowMaskGuard
+from longact.distributed.client import CoordinatorLost, RefreshError, make_client
 from longact.distributed.coordinator import SaliencyCoordinator, payload_fields, stats_payload
 
-CONFIG_ENV = "LONGACT_CONFIG"
-STATE_FILE = "longact_state.pt"
+STATE_FILE = "longact_state_rank{rank}.pt"
+LEGACY_STATE_FILE = "longact_state.pt"  # rank 0 only, before per-rank files
 
 
-def config_from_env() -> dict[str, Any] | None:
-    """The ``longact:`` section the launcher exported, or None when LongAct is off."""
-    raw = os.environ.get(CONFIG_ENV)
-    if not raw:
-        return None
-    cfg = yaml.safe_load(raw) or {}
-    return cfg if cfg.get("enable", False) else None
+def state_path(local_path: str | Path, rank: int) -> Path:
+    """Where rank ``rank`` keeps LongAct's state in a checkpoint folder."""
+    return Path(local_path) / STATE_FILE.format(rank=rank)
 
 
 class LongActRuntime:
@@ -75,176 +84,171 @@ class LongActRuntime:
         self,
         module: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
-        cfg: dict,
+        cfg: LongActConfig | dict,
         model_path: str | None = None,
         coordinator: SaliencyCoordinator | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
     ):
         import torch.distributed as dist
 
-        self.cfg = cfg
+        self.cfg = LongActConfig.coerce(cfg)
         self.module = module
         self.optimizer = optimizer
+        self.model_path = model_path
         self.adapter = get_adapter(module)
-        self._fields = payload_fields(cfg.get("score", "mean_abs"))
+        self._fields = payload_fields(self.cfg.score)
         self.capture = QKCapture(
-            module, self.adapter, point=cfg.get("capture_point", "proj"), fields=self._fields
+            module, self.adapter, point=self.cfg.capture_point, fields=self._fields
         )
         self.capture.attach()
         self.layout = self.capture.layout
         self.guard = RowMaskGuard(module, MaskSet.full(self.layout), self.adapter)
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        on = dist.is_initialized()
+        self.rank = rank if rank is not None else (dist.get_rank() if on else 0)
+        self.world_size = (
+            world_size if world_size is not None else (dist.get_world_size() if on else 1)
+        )
         self.step = 0  # optimizer steps taken
         self.last_refresh: int | None = None
         self.version = 0
-        if coordinator is not None and coordinator.world_size != 1:
-            raise ValueError(
-                "an in-process coordinator serves exactly one rank; got one for "
-                f"{coordinator.world_size} (use the Ray actor for several ranks)"
-            )
-        self._coordinator = coordinator
-        self._pool = None  # the in-process coordinator's refresh thread
-        self._inflight: Any = None  # async mode: the refresh sent at the last step
+        self.client = make_client(self.cfg, coordinator)
+        self.client.call("attach", self.layout, self.world_size)
+        self._inflight: tuple[int, dict, Any] | None = None  # async: (step, payload, handle)
         self._refresh_host_s = 0.0
         self._pending_metrics: dict[str, float] = {}
         self.timings = {"refresh_s": 0.0, "mask_s": 0.0, "snapshot_s": 0.0, "restore_s": 0.0}
-        cal = cfg.get("calibration") or {}
-        if cal.get("enable"):
-            self.calibrate(model_path, cal)
+        self._calibration_due = self.cfg.calibration.enable
+
+    def _where(self, step: int) -> str:
+        return f"LongAct run {self.cfg.run_id or '(in-process)'}, refresh at step {step}"
 
     # ---- calibration (profile-first mode) -------------------------------------------------
     @torch.no_grad()
-    def calibrate(self, model_path: str | None, cal: dict) -> None:
-        """Choose the first mask from forwards over calibration prompts, before step 1.
+    def calibrate(self) -> None:
+        """Choose the first mask from forwards over calibration prompts.
 
         Each rank runs its share of the prompts (every rank the same number of batches:
         FSDP's forward is collective); the coordinator merges them as for any refresh and
-        publishes version 1, in force from optimizer step 1.
+        publishes version 1. The module runs in eval mode without a KV cache, computes
+        the logits of the last position only, and each prompt keeps its last
+        ``calibration.max_length`` tokens (0: no limit).
         """
         import pandas as pd
         from transformers import AutoTokenizer
 
-        if not model_path:
+        cal = self.cfg.calibration
+        if not self.model_path:
             raise ValueError("calibration needs the model path to load its tokenizer")
-        tok = AutoTokenizer.from_pretrained(model_path)
-        prompts = list(pd.read_parquet(cal["data"])["prompt"])[: int(cal.get("num_samples", 32))]
+        tok = AutoTokenizer.from_pretrained(self.model_path)
+        prompts = list(pd.read_parquet(cal.data)["prompt"])[: cal.num_samples]
         if not prompts:
-            raise ValueError(f"calibration data {cal['data']} has no prompts")
+            raise ValueError(f"calibration data {cal.data} has no prompts")
         mine = prompts[self.rank :: self.world_size]
-        bs = int(cal.get("batch_size", 4))
+        bs = cal.batch_size
         n_batches = -(-len(prompts[0 :: self.world_size]) // bs)  # rank 0 has the most
         device = next(self.module.parameters()).device
         capture = QKCapture(
-            self.module,
-            self.adapter,
-            self.capture.point,
-            during_no_grad=True,
-            fields=self._fields,
+            self.module, self.adapter, self.capture.point, during_no_grad=True, fields=self._fields
         )
         self.capture.detach()
         was_training = self.module.training
         self.module.eval()
-        with capture:
-            for b in range(n_batches):
-                chunk = mine[b * bs : (b + 1) * bs]
-                batch = chunk or prompts[:1]  # a rank out of prompts still runs the forward
-                ids = [
-                    tok.apply_chat_template(
-                        [dict(m) for m in p], add_generation_prompt=True, tokenize=True
+        try:
+            with capture:
+                for b in range(n_batches):
+                    chunk = mine[b * bs : (b + 1) * bs]
+                    batch = chunk or prompts[:1]  # a rank out of prompts still runs the forward
+                    input_ids, mask = _encode(tok, batch, cal.max_length)
+                    # ... but counts nothing from such a filler batch
+                    filler = None if chunk else torch.zeros_like(mask, dtype=torch.bool)
+                    capture.set_token_mask(filler)
+                    self.module(
+                        input_ids=input_ids.to(device),
+                        attention_mask=mask.to(device),
+                        use_cache=False,
+                        logits_to_keep=1,
                     )
-                    for p in batch
-                ]
-                ids = [list(x["input_ids"]) if not isinstance(x, list) else x for x in ids]
-                width = max(len(x) for x in ids)
-                pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-                input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(ids), width), dtype=torch.long)
-                for i, x in enumerate(ids):
-                    input_ids[i, : len(x)] = torch.tensor(x)
-                    mask[i, : len(x)] = 1
-                # ... but counts nothing from such a filler batch
-                capture.set_token_mask(None if chunk else torch.zeros_like(mask, dtype=torch.bool))
-                self.module(input_ids=input_ids.to(device), attention_mask=mask.to(device))
-        self.module.train(was_training)
-        self.capture.attach()
+        finally:
+            self.module.train(was_training)
+            self.capture.attach()
         payload = self._exchange(0, capture.take())
         self._install(payload)
         self.last_refresh = 0
         self._pending_metrics.update(payload["metrics"])
 
     # ---- coordinator --------------------------------------------------------------------
-    @property
-    def coordinator(self):
-        if self._coordinator is None:
-            from longact.distributed.coordinator import get_or_create
-
-            self._coordinator = get_or_create(
-                self.cfg["run_id"], self.cfg, self.layout, self.world_size
-            )
-        return self._coordinator
-
     def _due(self, step: int) -> bool:
         if self.last_refresh is None:
             return True
-        return step - self.last_refresh >= int(self.cfg.get("refresh_interval", 1))
+        return step - self.last_refresh >= self.cfg.refresh_interval
 
     def _exchange(self, step: int, stats) -> dict:
         """Send this rank's statistics for the refresh at ``step``; the published masks."""
-        return self._resolve(self._send(step, stats))
-
-    def _send(self, step: int, stats) -> Any:
-        """Start the refresh at ``step``: a Ray object ref, or a Future in-process."""
         payload = stats_payload(stats, self._fields)
-        coord = self.coordinator
-        if not isinstance(coord, SaliencyCoordinator):
-            return coord.exchange.remote(self.rank, step, payload)
+        return self._resolve(step, payload, self._send(step, payload))
 
-        def run() -> dict:  # in-process, one rank
-            coord.submit(self.rank, step, payload)
-            return coord.get(step)
+    def _send(self, step: int, payload: dict) -> Any:
+        try:
+            return self.client.send(self.rank, step, payload, self.version)
+        except CoordinatorLost as e:
+            return e  # answered in _resolve, like a call that died in flight
 
-        if not self.cfg.get("refresh_async", False):  # synchronous: no thread needed
-            done: Future = Future()
-            done.set_result(run())
-            return done
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="longact-refresh")
-        return self._pool.submit(run)
+    def _resolve(self, step: int, payload: dict, handle: Any) -> dict:
+        """The answer to the refresh at ``step``: masks, or RefreshError. A coordinator
+        that died is waited for (Ray restarts it), rebuilt from this rank's masks, and
+        sent this refresh again."""
+        where = self._where(step)
+        for _ in range(self.cfg.coordinator_restarts + 2):
+            try:
+                out = handle if isinstance(handle, CoordinatorLost) else self.client.result(handle)
+                if isinstance(out, CoordinatorLost):
+                    raise out
+            except CoordinatorLost as e:
+                if self.cfg.coordinator_restarts == 0:
+                    raise RefreshError(
+                        f"{where}: the saliency coordinator died ({e}); with "
+                        "longact.coordinator_restarts=0 the run stops. Resume from the last "
+                        "checkpoint (trainer.resume_mode=auto)"
+                    ) from None
+                self.client.wait_alive(where)
+                out = {"recover": True}
+            if "error" in out:
+                raise RefreshError(out["error"])
+            if "recover" not in out:
+                return out
+            self._recover()
+            self._pending_metrics["longact/coordinator_recoveries"] = (
+                self._pending_metrics.get("longact/coordinator_recoveries", 0.0) + 1.0
+            )
+            handle = self._send(step, payload)
+        raise RefreshError(f"{where}: the saliency coordinator kept failing; giving up")
 
-    @staticmethod
-    def _resolve(handle: Any) -> dict:
-        if isinstance(handle, Future):  # in-process coordinator
-            return handle.result()
-        import ray
-
-        return ray.get(handle)
-
-    def _call(self, method: str, *args):
-        """A coordinator method, on the Ray actor or the in-process object."""
-        coord = self.coordinator
-        if isinstance(coord, SaliencyCoordinator):
-            return getattr(coord, method)(*args)
-        import ray
-
-        return ray.get(getattr(coord, method).remote(*args))
+    def _recover(self) -> None:
+        """Rebuild a restarted coordinator from what this rank holds."""
+        self.client.call("attach", self.layout, self.world_size)
+        if self.version > 0:
+            self.client.call("recover", self.version, self.guard.masks.state_dict())
 
     def _refresh(self, step: int) -> None:
         t0 = time.perf_counter()
-        handle = self._send(step, self.capture.take())
+        payload = stats_payload(self.capture.take(), self._fields)
+        handle = self._send(step, payload)
         self.last_refresh = step
-        if self.cfg.get("refresh_async", False):  # installed at the next optimizer step
-            self._inflight = handle
+        if self.cfg.refresh_async:  # installed at the next optimizer step
+            self._inflight = (step, payload, handle)
             self._refresh_host_s = time.perf_counter() - t0
             return
-        self._finish(self._resolve(handle), time.perf_counter() - t0)
+        self._finish(self._resolve(step, payload, handle), time.perf_counter() - t0)
 
     def _collect(self) -> None:
         """Install the refresh sent at the previous step (async mode), if any."""
         if self._inflight is None:
             return
         t0 = time.perf_counter()
-        handle, self._inflight = self._inflight, None
-        self._finish(self._resolve(handle), self._refresh_host_s + time.perf_counter() - t0)
+        (step, payload, handle), self._inflight = self._inflight, None
+        out = self._resolve(step, payload, handle)
+        self._finish(out, self._refresh_host_s + time.perf_counter() - t0)
 
     def _finish(self, payload: dict, host_s: float) -> None:
         t0 = time.perf_counter()
@@ -255,6 +259,8 @@ class LongActRuntime:
         self._pending_metrics["longact/rank_refresh_s"] = dt
 
     def _install(self, payload: dict, reset_entering: bool = True) -> None:
+        if int(payload["version"]) == self.version and self.version > 0:
+            return  # the masks in force (e.g. kept after non-finite statistics)
         masks = MaskSet.from_state_dict(payload["masks"])
         self.guard.set_masks(masks, self.optimizer if reset_entering else None)
         self.version = int(payload["version"])
@@ -263,6 +269,9 @@ class LongActRuntime:
     def before_step(self) -> None:
         """After backward, before clipping: refresh if due, then mask the gradients."""
         self.step += 1
+        if self._calibration_due:  # first step of a fresh run: the profile-first mask
+            self._calibration_due = False
+            self.calibrate()
         self._collect()
         if self._due(self.step):
             self._refresh(self.step)
@@ -287,6 +296,10 @@ class LongActRuntime:
             self.timings[name] += dt
             self._pending_metrics[f"longact/{name}"] = dt
 
+    def offloaded(self) -> None:
+        """The engine moved the model off the accelerator: free LongAct's copies there."""
+        self.guard.drop_device_copies()
+
     def pop_metrics(self) -> dict[str, float]:
         out = dict(self._pending_metrics)
         out["longact/capture_s"] = self.capture.pop_record_s()
@@ -296,41 +309,68 @@ class LongActRuntime:
         return out
 
     # ---- checkpoints --------------------------------------------------------------------
-    def save(self, local_path: str) -> None:
-        import torch.distributed as dist
+    def state(self) -> dict[str, Any]:
+        """What this rank saves: the coordinator's state and its own counters."""
+        return {
+            "coordinator": self.client.call("state_dict"),
+            "step": self.step,
+            "last_refresh": self.last_refresh,
+            "version": self.version,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
 
+    def save(self, local_path: str) -> None:
+        """Write this rank's state beside verl's shard of this rank (atomic: a write
+        killed midway leaves at most a ``.tmp`` file, never a half state file)."""
         self._collect()  # async mode: the checkpoint holds the masks in force from now
-        if self.rank == 0:
-            state = {
-                "coordinator": self._call("state_dict"),
-                "step": self.step,
-                "last_refresh": self.last_refresh,
-                "version": self.version,
-            }
-            path = Path(local_path) / STATE_FILE
-            tmp = path.with_suffix(".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, path)  # never leave a half-written state file
-        if dist.is_initialized():
-            dist.barrier()
+        path = state_path(local_path, self.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            torch.save(self.state(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
     def load(self, local_path: str) -> None:
-        import torch.distributed as dist
-
-        path = Path(local_path) / STATE_FILE
+        """Restore this rank's state from its own file in ``local_path``."""
+        path = state_path(local_path, self.rank)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing: this checkpoint was not written with LongAct on "
-                "(resume with longact.enable=false, or from a LongAct checkpoint)"
-            )
+            legacy = Path(local_path) / LEGACY_STATE_FILE
+            if not legacy.is_file():
+                raise FileNotFoundError(
+                    f"{path} is missing: this checkpoint was not written with LongAct on "
+                    "(resume with longact.enable=false, or from a LongAct checkpoint), or "
+                    f"this node cannot see rank {self.rank}'s files"
+                )
+            path = legacy
         state = torch.load(path, weights_only=False)
-        if self.rank == 0:
-            self._call("load_state_dict", state["coordinator"])
-        if dist.is_initialized():
-            dist.barrier()
-        current = self._call("current")
+        self.client.call("restore", self.rank, state["coordinator"])
+        current = self.client.call("current")
         if current is not None:
             # the optimizer state was restored with the weights: do not reset it
             self._install(current, reset_entering=False)
         self.step = int(state["step"])
         self.last_refresh = state["last_refresh"]
+        self._calibration_due = False  # a resumed run keeps its masks
+
+
+def _encode(tok, prompts: list, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-templated prompts as right-padded ``(B, T)`` ids and attention mask, each
+    prompt cut to its last ``max_length`` tokens (0: uncut)."""
+    ids = [
+        tok.apply_chat_template([dict(m) for m in p], add_generation_prompt=True, tokenize=True)
+        for p in prompts
+    ]
+    ids = [list(x["input_ids"]) if not isinstance(x, list) else x for x in ids]
+    if max_length > 0:
+        ids = [x[-max_length:] for x in ids]
+    width = max(len(x) for x in ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(x)] = 1
+    return input_ids, mask

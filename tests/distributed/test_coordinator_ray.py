@@ -1,58 +1,43 @@
-"""The coordinator as a named Ray actor (one small local cluster): ``get_or_create`` is
-idempotent per run id, and concurrent ranks receive the same published version."""
+"""The coordinator as a named Ray actor (one small local cluster): ``create`` is
+idempotent per run id, ranks find it by name, and concurrent ranks receive the same
+published version."""
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
+import torch
+from longact_ranks import new_run_id, run_ranks
+from longact_tiny import tiny_model
 
+from longact.config import LongActConfig
 from longact.core import QKLayout, QKStats
 
-ray = pytest.importorskip("ray")
-
 LAYOUT = QKLayout(num_layers=1, head_dim=4, num_attention_heads=2, num_key_value_heads=1)
-CONFIG = {"ratio": 0.5, "policy": "topk"}
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    if started:
-        ray.shutdown()
 
 
 def _partial(rank: int) -> dict:
-    import torch
-
     s = QKStats.empty(LAYOUT.row_counts())
     for key, rows in LAYOUT.row_counts().items():
         s.update(key, torch.arange(rows, dtype=torch.float32).repeat(3, 1) * (rank + 1))
     return s.state_dict()
 
 
-@ray.remote(num_cpus=0)
-def _rank_task(run_id: str, rank: int, state: dict) -> dict:
-    from longact.distributed.coordinator import get_or_create
-
-    coord = get_or_create(run_id, CONFIG, LAYOUT, 2)
-    return ray.get(coord.exchange.remote(rank, 1, state))
-
-
 def test_named_actor_shared_by_concurrent_ranks(ray_cluster):
-    from longact.distributed.coordinator import ACTOR_PREFIX, get_or_create
+    ray = ray_cluster
+    from longact.distributed.client import RayClient
+    from longact.distributed.coordinator import actor_name, create
 
-    run_id = uuid.uuid4().hex[:8]
-    a = get_or_create(run_id, CONFIG, LAYOUT, 2)
-    b = get_or_create(run_id, CONFIG, LAYOUT, 2)
+    cfg = LongActConfig(ratio=0.5, run_id=new_run_id())
+    a, b = create(cfg), create(cfg)
     assert a._actor_id == b._actor_id
-    assert ray.get_actor(ACTOR_PREFIX + run_id)._actor_id == a._actor_id
+    assert ray.get_actor(actor_name(cfg.run_id))._actor_id == a._actor_id
 
-    refs = [_rank_task.remote(run_id, r, _partial(r)) for r in (0, 1)]
-    out0, out1 = ray.get(refs, timeout=120)
+    def rank(r: int) -> dict:
+        client = RayClient(cfg)
+        client.call("attach", LAYOUT, 2)
+        return client.result(client.send(r, 1, _partial(r), 0))
+
+    out0, out1 = run_ranks(rank, 2)
     assert out0["version"] == out1["version"] == 1
     assert out0["masks"]["masks"].keys() == out1["masks"]["masks"].keys()
     for k, m in out0["masks"]["masks"].items():
@@ -60,21 +45,28 @@ def test_named_actor_shared_by_concurrent_ranks(ray_cluster):
         assert int(m.sum()) == m.numel() // 2  # ratio 0.5
         assert bool(m[-1])  # the largest channel is kept
     assert ray.get(a.summary.remote()) == {"version": 1, "refreshes": 1}
-    ray.kill(a)
+    ray.kill(a, no_restart=True)
+
+
+def test_a_rank_without_a_coordinator_fails_clearly(ray_cluster):
+    from longact.distributed.client import RayClient, RefreshError
+
+    cfg = LongActConfig(run_id=new_run_id(), timeout_s=1.0)
+    with pytest.raises(RefreshError, match=f"run {cfg.run_id}: no saliency coordinator named"):
+        RayClient(cfg)
 
 
 @pytest.mark.parametrize("refresh_async", [False, True])
 def test_runtime_refreshes_through_the_ray_actor(ray_cluster, refresh_async):
     """LongActRuntime against the named Ray actor, one rank, sync and async refreshes:
     versions as in-process, frozen rows bit-identical."""
-    import torch
-    from longact_tiny import tiny_model
-
+    from longact.distributed.coordinator import create
     from longact.train.runtime import LongActRuntime
 
     model = tiny_model("qwen3", seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    cfg = {"ratio": 0.25, "run_id": uuid.uuid4().hex[:8], "refresh_async": refresh_async}
+    cfg = LongActConfig(ratio=0.25, run_id=new_run_id(), refresh_async=refresh_async)
+    coord = create(cfg)  # the caller owns it: it lives while this handle does
     rt = LongActRuntime(model, opt, cfg)
     w = dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
     versions = []
@@ -90,3 +82,4 @@ def test_runtime_refreshes_through_the_ray_actor(ray_cluster, refresh_async):
         assert torch.equal(w.detach()[frozen], before[frozen])
         versions.append(rt.version)
     assert versions == ([0, 1, 2] if refresh_async else [1, 2, 3])
+    ray_cluster.kill(coord, no_restart=True)

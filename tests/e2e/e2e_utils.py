@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from longact.core.masks import MaskSet
+from longact.train.runtime import state_path
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -77,7 +78,7 @@ def step_weights(ckpt: Path, step: int) -> dict:
 
 def masks_at(ckpt: Path, step: int) -> tuple[MaskSet, dict]:
     state = torch.load(
-        ckpt / f"global_step_{step}" / "actor" / "longact_state.pt", weights_only=False
+        state_path(ckpt / f"global_step_{step}" / "actor", 0), weights_only=False
     )
     return MaskSet.from_state_dict(state["coordinator"]["masks"]), state
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from omegaconf import OmegaConf
 
-from longact.train.config import ConfigError, LongActConfig, prepare_config
+from longact.config import LongActConfig
+from longact.train.config import ConfigError, prepare_config
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:.*engine is not available:UserWarning"),
@@ -33,7 +34,7 @@ def test_full_compose_then_prepare(compose_recipe, model_dir):
     bad = compose_recipe(
         "dapo_cpu", [f"actor_rollout_ref.model.path={model_dir}", "longact.ratio=0"]
     )
-    with pytest.raises(ConfigError, match=r"longact.ratio=0 is outside \(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"longact.ratio=0.0 is outside \(0, 1\]"):
         prepare_config(bad)
 
 
@@ -49,7 +50,8 @@ def test_valid_cpu_recipe_is_filled_in(prepare, model_dir):
 
 @pytest.mark.parametrize("ratio", ["0", "1.5", "-0.1"])
 def test_ratio_outside_unit_interval(prepare, ratio):
-    with pytest.raises(ConfigError, match=rf"longact.ratio={ratio} is outside \(0, 1\]"):
+    # the schema is typed: the shell's "0" arrives as the float 0.0
+    with pytest.raises(ConfigError, match=rf"longact.ratio={float(ratio)} is outside \(0, 1\]"):
         prepare(f"longact.ratio={ratio}")
 
 
@@ -150,5 +152,5 @@ def test_longact_config_from_dict_directly():
     assert LongActConfig.from_dict({}).ratio == 0.3
     with pytest.raises(ConfigError, match=r"longact.calibration.\['foo'\]"):
         LongActConfig.from_dict({"calibration": {"foo": 1}})
-    with pytest.raises(ConfigError, match="capture_point='qkv'; valid: norm, proj"):
+    with pytest.raises(ConfigError, match="capture_point='qkv'; valid: proj, norm"):
         LongActConfig.from_dict({"capture_point": "qkv"})

@@ -9,7 +9,7 @@ from longact_tiny import tiny_model
 
 from longact.core.adapters import get_adapter
 from longact.distributed.coordinator import SaliencyCoordinator
-from longact.train.runtime import LongActRuntime
+from longact.train.runtime import LongActRuntime, state_path
 
 CFG = {"ratio": 0.25, "policy": "topk", "score": "mean_abs", "refresh_interval": 2}
 
@@ -48,7 +48,7 @@ def test_in_process_coordinator_runs_the_refresh_protocol():
     assert versions == [1, 1, 2, 2]  # refresh at optimizer steps 1 and 3
     assert coord.version == 2 and len(coord.history) == 2
     # the coordinator's state is what a checkpoint stores
-    assert rt._call("state_dict")["version"] == 2
+    assert rt.client.call("state_dict")["version"] == 2
 
 
 def test_in_process_coordinator_must_serve_one_rank():
@@ -82,5 +82,5 @@ def test_async_refresh_installs_masks_one_step_later(tmp_path):
     assert coord.version == 4  # step 4's refresh is in flight ...
     rt.save(str(tmp_path))  # ... and a checkpoint installs it first
     assert rt.version == 4
-    state = torch.load(tmp_path / "longact_state.pt", weights_only=False)
+    state = torch.load(state_path(tmp_path, 0), weights_only=False)
     assert state["version"] == 4 and state["coordinator"]["version"] == 4
