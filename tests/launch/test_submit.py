@@ -82,7 +82,9 @@ def test_submit_grpo_cpu_to_existing_cluster(ray_cluster, submit_env, tiny_run):
     # LongAct (on by default) engaged in the cluster's workers: its section reached them
     # through the job's runtime_env, not through the submitting shell's environment
     assert "actor/longact/step:2" in out, "LongAct metrics missing from the job's log"
-    assert (run["ckpt"] / "global_step_2" / "actor" / "longact_state.pt").is_file()
+    for rank in (0, 1):  # every rank writes its own state beside its own shard
+        actor = run["ckpt"] / "global_step_2" / "actor"
+        assert (actor / f"longact_state_rank{rank}.pt").is_file()
     print(f"2-step GRPO job took {elapsed:.0f}s")
 
     # 3. a wrong auth token: refused before anything is staged or uploaded
