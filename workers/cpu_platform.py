@@ -2,8 +2,11 @@
 
 verl picks its platform by probing the registered ones in order (nvidia, npu, rocm, ...)
 and falls back to nvidia, which asks for NCCL. This platform registers under the name
-``cpu`` and reports itself available only when no CUDA device is visible, so it is
-picked on a CPU box and never shadows a GPU. ``VERL_PLATFORM=cpu`` forces it.
+``cpu`` and reports itself available only where torch was built without CUDA or ROCm,
+so it is picked on a CPU box and never shadows a GPU, not even in a process of a GPU
+node that Ray gave no GPU (a task runner, a reward worker): those stay on verl's nvidia
+platform. ``VERL_PLATFORM=cpu`` asks for it explicitly, which ``longact-train`` does for
+recipes with ``trainer.device=cpu`` (a CUDA build of torch on a laptop without a GPU).
 
 Ray scheduling: verl's placement groups ask for one unit of ``ray_resource_name()``
 per training rank. We keep the name ``GPU`` so verl's resource plumbing is unchanged;
@@ -75,8 +78,9 @@ def make_cpu_device_module() -> types.ModuleType:
     return mod
 
 
-def cuda_visible() -> bool:
-    return torch.cuda.is_available() and torch.cuda.device_count() > 0
+def accelerator_build() -> bool:
+    """torch was built for CUDA or ROCm (whether or not a device is visible here)."""
+    return torch.version.cuda is not None or getattr(torch.version, "hip", None) is not None
 
 
 def register() -> None:
@@ -108,9 +112,10 @@ def register() -> None:
             return True
 
         def is_platform_available(self, use_smi_check: bool = False) -> bool:
-            # Only claim the host when no accelerator platform can: verl probes
-            # registered platforms in order, and this one is registered last.
-            return not cuda_visible()
+            # Only claim a process whose torch cannot use an accelerator at all: a GPU
+            # node's process without a GPU of its own stays on the nvidia platform.
+            # verl probes registered platforms in order, and this one comes last.
+            return not accelerator_build()
 
         def current_device(self) -> torch.device:  # type: ignore[override]
             return torch.device("cpu")

@@ -6,7 +6,9 @@ the (device, vendor) key before its own ``cuda`` entry), so verl's training loop
 used unchanged. It adds:
 
 - LongAct (when the launcher exported an enabled ``longact:`` section, see
-  ``longact.train.runtime``): statistics from training forwards, mask refreshes through
+  ``longact.train.runtime``): statistics from the real tokens of training forwards
+  (padding excluded in the padded, packed, Ulysses-SP and ``pad_to_length`` layouts),
+  mask refreshes through
   the saliency coordinator, gradient masking before clipping and exact frozen rows
   through the optimizer step, coordinator state in checkpoints. Forward-only engines
   (the reference policy) are left alone. Without the section it is verl's engine.
@@ -41,6 +43,26 @@ def _unpinned_offload_policy() -> Iterator[None]:
         transformer_impl.CPUOffloadPolicy = original
 
 
+def _real_tokens(engine, model_inputs: dict, output_args: dict):
+    """The token mask LongAct's capture should use for this micro-batch.
+
+    Padded layout: None (the capture reads the ``attention_mask`` the model is given).
+    Packed layout (``use_remove_padding``): every position of this rank's slice except
+    the padding verl appended for Ulysses SP alignment and ``pad_to_length``.
+    """
+    from longact.core.capture import packed_token_mask
+
+    if model_inputs.get("attention_mask") is not None:
+        return None
+    ids = model_inputs["input_ids"]  # (1, local_len)
+    sp_rank, sp_size = 0, 1
+    if getattr(engine, "use_ulysses_sp", False):
+        sp_rank = engine.ulysses_device_mesh["sp"].get_local_rank()
+        sp_size = engine.ulysses_sequence_parallel_size
+    pad = int(output_args.get("pad_size", 0) or 0)
+    return packed_token_mask(ids.shape[-1], pad, sp_rank, sp_size, device=ids.device)
+
+
 def engine_class():
     """The engine class LongAct registers (created lazily: verl is imported here)."""
     from verl.utils.device import get_device_name
@@ -64,6 +86,12 @@ def engine_class():
             if cfg is not None and not self.engine_config.forward_only:
                 path = getattr(self.model_config, "local_path", None) or self.model_config.path
                 self.longact = LongActRuntime(self.module, self.optimizer, cfg, model_path=path)
+
+        def prepare_model_inputs(self, micro_batch):
+            model_inputs, output_args = super().prepare_model_inputs(micro_batch)
+            if self.longact is not None:
+                self.longact.capture.set_token_mask(_real_tokens(self, model_inputs, output_args))
+            return model_inputs, output_args
 
         def to(self, device, *args, **kwargs):
             out = super().to(device, *args, **kwargs)

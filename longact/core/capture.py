@@ -22,6 +22,8 @@ Which tokens count, in order of precedence:
    pre-hook on ``model``); if it is longer than the activation (generation with a KV
    cache), its last T columns are used;
 3. otherwise every token (packed / remove-padding inputs of shape (1, total_nnz)).
+verl's engine pads packed inputs (Ulysses alignment, ``pad_to_length``): LongAct's
+engine sets :func:`packed_token_mask` for each such micro-batch, so padding never counts.
 A 2-D mask whose shape does not fit the activation raises.
 
 Which passes count: a top-level forward of ``model`` counts if grad mode is on and the
@@ -202,6 +204,23 @@ class QKCapture:
             f"token mask of shape {tuple(mask.shape)} does not fit activations with "
             f"token dims {tuple(lead)}"
         )
+
+
+def packed_token_mask(
+    local_len: int, pad_size: int, sp_rank: int = 0, sp_size: int = 1, device: Any = None
+) -> torch.Tensor:
+    """(1, local_len) bool: the real tokens of one sequence-parallel rank's slice of a
+    packed (remove-padding) sequence.
+
+    verl packs a micro-batch into one row of ``local_len * sp_size`` tokens whose last
+    ``pad_size`` are padding (its Ulysses alignment pad plus ``pad_to_length``'s bucket
+    pad), then gives SP rank r the slice ``[r * local_len, (r + 1) * local_len)``.
+    """
+    start = sp_rank * local_len
+    real = max(0, min(local_len, local_len * sp_size - pad_size - start))
+    mask = torch.zeros((1, local_len), dtype=torch.bool, device=device)
+    mask[:, :real] = True
+    return mask
 
 
 def capture_qk_stats(

@@ -149,6 +149,7 @@ class SaliencyCoordinator:
         self.history: list[dict[str, Any]] = []
         self.nonfinite_refreshes = 0
         self._restored: dict[str, Any] | None = None  # what ranks restored from checkpoints
+        self._attached: set[int] = set()  # ranks that started LongAct
         self._pending: dict[int, dict[str, Any]] = {}  # step -> partial merge
         self._done: dict[int, dict[str, Any]] = {}  # step -> published payload (or error)
         self._events: dict[int, asyncio.Event] = {}
@@ -157,9 +158,11 @@ class SaliencyCoordinator:
         return f"LongAct run {self.config.run_id or '(unnamed)'}, refresh at step {step}"
 
     # ---- the ranks join ----------------------------------------------------------------
-    def attach(self, layout: QKLayout, world_size: int) -> dict[str, Any]:
+    def attach(self, layout: QKLayout, world_size: int, rank: int | None = None) -> dict:
         """A rank's layout and world size: the first sets them, the others must match.
         Returns ``{"version": ...}`` (0 on a fresh coordinator)."""
+        if rank is not None:
+            self._attached.add(int(rank))
         if self.layout is None:
             self.layout = layout
         elif layout != self.layout:
@@ -177,7 +180,12 @@ class SaliencyCoordinator:
         return {"version": self.version}
 
     def ping(self) -> dict[str, Any]:
-        return {"version": self.version, "attached": self.layout is not None}
+        """Liveness, and what the driver checks: which ranks attached, and the version."""
+        return {
+            "version": self.version,
+            "attached": sorted(self._attached),
+            "world_size": self.world_size,
+        }
 
     # ---- the protocol ------------------------------------------------------------------
     def submit(self, rank: int, step: int, stats_state: dict[str, Any]) -> bool:
@@ -372,6 +380,8 @@ class SaliencyCoordinator:
             version=self.version,
         )
         metrics = self._metrics(new, step)
+        # real tokens behind this refresh, over all ranks (every key sees every token)
+        metrics["longact/window_tokens"] = window.token_count(min(window.keys()))
         metrics["longact/refresh_s"] = time.time() - t0
         self.masks = new
         record = {"version": self.version, "step": step, "metrics": metrics}

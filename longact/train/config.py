@@ -8,7 +8,7 @@ so a bad value fails in the driver with one clear line instead of in a Ray worke
 from __future__ import annotations
 
 import json
-import logging
+import sys
 import uuid
 from pathlib import Path
 
@@ -16,7 +16,10 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from longact.config import ConfigError, LongActConfig
 
-log = logging.getLogger(__name__)
+
+def _say(line: str) -> None:
+    """One line on the console of the job's driver (not a warning: nothing is wrong)."""
+    print(f"longact-train: {line}", file=sys.stderr, flush=True)
 
 
 def available_recipes() -> list[str]:
@@ -135,26 +138,55 @@ def _check_platform(config: DictConfig, address: str | None) -> None:
             "longact-train runs verl's v1 trainer; trainer.use_v1=false is not supported"
         )
     rollout = config.actor_rollout_ref.rollout.name
-    if rollout not in GPU_ROLLOUTS:
-        return
     if address is None:  # a local run: this host's own devices
         import torch
 
-        if not torch.cuda.is_available():
+        if rollout in GPU_ROLLOUTS and not torch.cuda.is_available():
             raise ConfigError(
                 f"rollout {rollout!r} needs a GPU and none is visible; on a CPU host use a "
                 f"*_cpu recipe (available: {', '.join(available_recipes())}) or "
                 "actor_rollout_ref.rollout.name=hf with +platform=cpu"
             )
         return
-    # the driver runs on a head node, which often has no GPU: ask the cluster instead
+    # The driver runs on the head node, which often has no GPU: count the cluster's. Every
+    # recipe asks Ray for one "GPU" per rank (the CPU platform declares logical ones).
     want = n * int(config.trainer.nnodes)
     have = cluster_gpus(address)
-    log.info("longact-train: cluster %s declares %g GPUs; the run asks for %d", address, have, want)
+    _say(f"cluster {address} declares {have:g} GPUs; the run asks for {want}")
     if have < want:
         raise ConfigError(
             f"the Ray cluster at {address} declares {have:g} GPUs, and the run asks for "
             f"trainer.nnodes x trainer.n_gpus_per_node = {want}; add GPU workers or lower them"
+        )
+
+
+LONGACT_DEVICES = ("cuda", "cpu")  # where LongAct's engine is registered (workers/fsdp_engine)
+
+
+def _check_longact_applies(config: DictConfig, longact: LongActConfig) -> None:
+    """With LongAct on, refuse the settings under which verl would quietly run plain RL."""
+    if not longact.enable:
+        return
+    off = "or run plain RL with longact.enable=false"
+    strategy = config.actor_rollout_ref.actor.get("strategy")
+    if strategy != "fsdp2":
+        raise ConfigError(
+            f"actor_rollout_ref.actor.strategy={strategy!r}: LongAct extends verl's FSDP2 "
+            "engine only (FSDP1 flattens W_Q/W_K, megatron is another engine); set "
+            f"actor_rollout_ref.actor.strategy=fsdp2, {off}"
+        )
+    lora = config.actor_rollout_ref.model.get("lora_rank", 0) or 0
+    if lora > 0:
+        raise ConfigError(
+            f"actor_rollout_ref.model.lora_rank={lora}: LoRA trains adapters and freezes "
+            "W_Q/W_K, so LongAct's row masks would select nothing; set "
+            f"actor_rollout_ref.model.lora_rank=0, {off}"
+        )
+    device = config.trainer.get("device", "cuda")
+    if device not in LONGACT_DEVICES:
+        raise ConfigError(
+            f"trainer.device={device!r}: LongAct's engine is registered for "
+            f"{', '.join(LONGACT_DEVICES)} (NVIDIA GPUs and the CPU); {off}"
         )
 
 
@@ -200,10 +232,8 @@ def _check_files(config: DictConfig, longact: LongActConfig, address: str | None
     if address is not None:
         unseen = [p for p in (model, cal) if p and _worker_only(str(p))]
         if unseen:
-            log.warning(
-                "longact-train: %s not on the driver's node; left for the workers to check",
-                ", ".join(str(p) for p in unseen),
-            )
+            listed = ", ".join(str(p) for p in unseen)
+            _say(f"{listed}: not on the driver's node, left for the workers to check")
         if model in unseen:
             model = None
         if cal in unseen:
@@ -228,6 +258,7 @@ def prepare_config(config: DictConfig) -> DictConfig:
     longact = LongActConfig.from_dict(raw)
     address = cluster_address(config)
     _check_platform(config, address)
+    _check_longact_applies(config, longact)
     with open_dict(config):
         config.longact = OmegaConf.structured(longact)
         _absolute_paths(config)

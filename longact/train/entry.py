@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from longact.config import CONFIG_ENV, LongActConfig, register_schema
 from longact.train.config import ConfigError, available_recipes, prepare_config
+from longact.train.task_runner import task_runner_class
 
 register_schema()  # the `longact:` section of every recipe (hydra_configs/longact_trainer.yaml)
 
@@ -63,29 +64,6 @@ def hydra_argv(argv: list[str]) -> list[str]:
     return ["--config-name", recipe, SEARCH_PATH, *overrides, *flags]
 
 
-def task_runner_class(longact: LongActConfig):
-    """verl's v1 TaskRunner, which first creates the run's saliency coordinator.
-
-    The task runner is the Ray actor that drives the whole run, so the coordinator it
-    creates (and owns) lives exactly as long as the run; it is placed on the head node
-    (``longact.distributed.coordinator.create``). The training ranks find it by name.
-    """
-    import ray
-    from verl.trainer.main_ppo import TaskRunnerV1
-
-    base = TaskRunnerV1.__ray_actor_class__
-
-    class LongActTaskRunner(base):
-        def run(self, config):
-            from longact.distributed.coordinator import create
-
-            self.longact_coordinator = create(longact)  # held for the run's lifetime
-            return super().run(config)
-
-    LongActTaskRunner.__name__ = LongActTaskRunner.__qualname__ = "LongActTaskRunner"
-    return ray.remote(LongActTaskRunner)
-
-
 def run(config: DictConfig) -> None:
     """Validate, then run verl's trainer (the v1 trainer unless trainer.use_v1=false)."""
     from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
@@ -98,12 +76,15 @@ def run(config: DictConfig) -> None:
     # access to the full config): the local cluster inherits the driver's environment,
     # and an existing cluster gets it through the job's runtime_env.
     longact_yaml = longact.to_yaml()
-    os.environ[CONFIG_ENV] = longact_yaml
+    exported = {CONFIG_ENV: longact_yaml}
+    if config.trainer.get("device") == "cpu":  # ask for the CPU platform explicitly
+        exported["VERL_PLATFORM"] = "cpu"
+    os.environ.update(exported)
     with open_dict(config):
         runtime_env = config.ray_kwargs.ray_init.runtime_env
         if runtime_env.get("env_vars") is None:
             runtime_env.env_vars = {}
-        runtime_env.env_vars[CONFIG_ENV] = longact_yaml
+        runtime_env.env_vars.update(exported)
     try:
         validate_config(
             config=config,
@@ -116,7 +97,7 @@ def run(config: DictConfig) -> None:
         if "actor_rollout_ref.model" in str(e) and not Path(path).is_dir():
             hint = f"model path {path!r} is not a local directory, so it was taken as a hub id: "
         raise ConfigError(f"{hint}{type(e).__name__}: {e}") from e
-    runner = task_runner_class(longact) if longact.enable else TaskRunnerV1
+    runner = task_runner_class(longact) if longact.enable else TaskRunnerV1  # stock verl
     run_ppo(config, task_runner_class=runner)
 
 

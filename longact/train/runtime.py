@@ -113,7 +113,7 @@ class LongActRuntime:
         self.last_refresh: int | None = None
         self.version = 0
         self.client = make_client(self.cfg, coordinator)
-        self.client.call("attach", self.layout, self.world_size)
+        self.client.call("attach", self.layout, self.world_size, self.rank)
         self._inflight: tuple[int, dict, Any] | None = None  # async: (step, payload, handle)
         self._refresh_host_s = 0.0
         self._pending_metrics: dict[str, float] = {}
@@ -226,7 +226,7 @@ class LongActRuntime:
 
     def _recover(self) -> None:
         """Rebuild a restarted coordinator from what this rank holds."""
-        self.client.call("attach", self.layout, self.world_size)
+        self.client.call("attach", self.layout, self.world_size, self.rank)
         if self.version > 0:
             self.client.call("recover", self.version, self.guard.masks.state_dict())
 

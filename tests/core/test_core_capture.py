@@ -173,3 +173,21 @@ def test_gradient_checkpointing_does_not_double_count(reentrant):
         assert got.token_count(key) == ref.token_count(key) == 8
         for field in ("sum_abs", "sum_sq", "max_abs"):
             assert torch.equal(getattr(got[key], field), getattr(ref[key], field))
+
+
+@pytest.mark.parametrize(
+    ("local_len", "pad", "sp", "expected"),
+    [
+        (7, 0, 1, [7]),  # packed, nothing appended
+        (8, 3, 1, [5]),  # pad_to_length's bucket pad
+        (5, 3, 2, [5, 2]),  # Ulysses: 7 real tokens padded to 10, split in two
+        (4, 5, 2, [3, 0]),  # the pad reaches into the first rank's slice
+    ],
+)
+def test_packed_token_mask_excludes_the_appended_padding(local_len, pad, sp, expected):
+    from longact.core.capture import packed_token_mask
+
+    masks = [packed_token_mask(local_len, pad, r, sp) for r in range(sp)]
+    assert [int(m.sum()) for m in masks] == expected
+    for m in masks:  # real tokens first, padding last, in every slice
+        assert m.shape == (1, local_len) and torch.equal(m, m.sort(descending=True).values)

@@ -181,3 +181,46 @@ def test_reused_snapshot_buffers_give_the_same_steps():
     for name, p in runs[True].items():
         assert torch.equal(p, runs[False][name]), name
     assert RowMaskGuard(tiny_model("qwen3"), masks).reuse_buffers  # CPU default
+
+
+def _offload_round_trip(device: str) -> None:
+    """Masks installed while the model is on the CPU (verl offloads it, then installs the
+    masks of a resume or a calibration), training on ``device``, offload again: every
+    index meets its tensor on that tensor's device, and none stays behind."""
+    model = tiny_model("qwen3", seed=0)
+    layout = get_adapter(model).layout(model)
+    guard = RowMaskGuard(model, build_masks(None, layout, ratio=0.3, policy="random", version=1))
+    model.to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(2):
+        before = _snapshot(model)
+        ids = token_batch(step, 2, 8).to(device)
+        model(input_ids=ids, labels=ids).loss.backward()
+        guard.mask_grads()
+        with guard.protect(opt):
+            opt.step()
+        opt.zero_grad()
+        for t in guard.targets:
+            keep = guard.masks[t.ref.key].to(device)
+            w0, w1 = before[t.name], dict(model.named_parameters())[t.name].detach()
+            assert torch.equal(w0[~keep], w1[~keep]), f"{t.name}: a frozen row moved"
+    on_device = [t for t in guard.targets if t._on]
+    assert bool(on_device) == (torch.device(device).type != "cpu")
+    assert all(t.frozen.device.type == "cpu" for t in guard.targets)
+    guard.drop_device_copies()  # the engine offloads: LongAct keeps nothing there
+    assert not any(t._on for t in guard.targets)
+    # a refresh installed while offloaded, with optimizer state on the device
+    model.to("cpu")
+    new = build_masks(None, layout, ratio=0.3, policy="random", seed=9, version=2)
+    guard.set_masks(new, opt)
+    assert not any(t._on for t in guard.targets)
+
+
+def test_row_indices_follow_their_tensors_across_offload_on_the_cpu():
+    _offload_round_trip("cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_row_indices_follow_their_tensors_across_offload_on_cuda():
+    _offload_round_trip("cuda")

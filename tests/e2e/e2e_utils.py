@@ -77,9 +77,7 @@ def step_weights(ckpt: Path, step: int) -> dict:
 
 
 def masks_at(ckpt: Path, step: int) -> tuple[MaskSet, dict]:
-    state = torch.load(
-        state_path(ckpt / f"global_step_{step}" / "actor", 0), weights_only=False
-    )
+    state = torch.load(state_path(ckpt / f"global_step_{step}" / "actor", 0), weights_only=False)
     return MaskSet.from_state_dict(state["coordinator"]["masks"]), state
 
 

@@ -1,9 +1,10 @@
 """Fixtures for ``longact submit`` tests: a private Ray cluster on loopback.
 
 The cluster is started with the project venv's ``ray`` (so longact is importable on it),
-bound to 127.0.0.1 with free ports and its own temp dir, and declares 2 logical GPUs
-(the CPU recipes ask for 2 ranks). It is always torn down: the blocking ``ray start``
-process is terminated, then every process whose command line names this cluster's
+bound to 127.0.0.1 with free ports and its own temp dir. Like a managed cluster, its head
+declares no GPU, and a second node declares 2 logical GPUs (the CPU recipes ask for 2
+ranks). It is always torn down: the blocking ``ray start`` processes are terminated,
+then every process whose command line names this cluster's
 temp dir is killed by pid. (``ray stop --force`` is not used: it kills every Ray
 process of the user on the machine, including clusters other test runs started.)
 """
@@ -90,22 +91,33 @@ def submit_env() -> dict[str, str]:
     return cluster_env()
 
 
-@pytest.fixture
-def ray_cluster():
-    """Yields the dashboard address (http://127.0.0.1:PORT) of a fresh local cluster."""
-    # short: Ray's unix socket paths live under it and must stay below ~107 chars
-    temp_dir = tempfile.mkdtemp(prefix="lar", dir="/tmp")
-    dash = free_port()
-    ports = {
-        "--port": free_port(),
-        "--dashboard-port": dash,
-        "--ray-client-server-port": free_port(),
+def _node_ports() -> dict[str, int]:
+    """Ports every node of a loopback cluster needs for itself."""
+    return {
         "--dashboard-agent-listen-port": free_port(),
         "--dashboard-agent-grpc-port": free_port(),
         "--runtime-env-agent-port": free_port(),
         "--metrics-export-port": free_port(),
         "--node-manager-port": free_port(),
         "--object-manager-port": free_port(),
+    }
+
+
+@pytest.fixture
+def ray_cluster():
+    """Yields the dashboard address (http://127.0.0.1:PORT) of a fresh local cluster.
+
+    Two nodes, as on a managed cluster: a head that declares no GPU (where job
+    entrypoints run) and a worker node that declares 2 logical GPUs."""
+    # short: Ray's unix socket paths live under it and must stay below ~107 chars
+    temp_dir = tempfile.mkdtemp(prefix="lar", dir="/tmp")
+    dash = free_port()
+    gcs = free_port()
+    ports = {
+        "--port": gcs,
+        "--dashboard-port": dash,
+        "--ray-client-server-port": free_port(),
+        **_node_ports(),
     }
     cmd = [
         str(BIN / "ray"),
@@ -115,8 +127,8 @@ def ray_cluster():
         "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1",
         "--include-dashboard=true",
-        "--num-cpus=16",
-        "--num-gpus=2",
+        "--num-cpus=4",
+        "--num-gpus=0",
         f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
         *(f"{k}={v}" for k, v in ports.items()),
@@ -126,6 +138,7 @@ def ray_cluster():
         cmd, stdout=log, stderr=subprocess.STDOUT, env=cluster_env(), start_new_session=True
     )
     address = f"http://127.0.0.1:{dash}"
+    worker = None
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -143,11 +156,61 @@ def ray_cluster():
             if time.monotonic() > deadline:
                 pytest.fail(f"Ray dashboard never came up at {address}:\n{_tail(temp_dir)}")
             time.sleep(1)
+        worker = _start_worker_node(f"127.0.0.1:{gcs}", temp_dir, log)
         yield address
     finally:
+        if worker is not None:
+            _stop(worker, temp_dir)
         _stop(head, temp_dir)
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+# `ray start` of a second node on this machine, on loopback. Ray's CLI refuses a second
+# node unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, and that setting also rewrites the
+# 127.0.0.1 of `--address` into the host's network address, where this cluster's GCS does
+# not listen. So the variable stays 0 (every process Ray starts keeps to loopback), and
+# only this CLI process lets the second node through and leaves 127.0.0.1 as it is.
+WORKER_NODE_START = """
+import sys
+import ray._private.ray_constants as constants
+import ray._private.services as services
+from ray.scripts.scripts import main
+constants.ENABLE_RAY_CLUSTER = True
+services.node_ip_address_from_perspective = lambda address=None: "127.0.0.1"
+sys.argv = ["ray", *sys.argv[1:]]
+main()
+"""
+
+
+def _start_worker_node(gcs: str, temp_dir: str, log) -> subprocess.Popen:
+    """A second node on this machine: 16 CPUs and 2 logical GPUs (the training ranks)."""
+    cmd = [
+        sys.executable,
+        "-c",
+        WORKER_NODE_START,
+        "start",
+        f"--address={gcs}",
+        "--block",
+        "--node-ip-address=127.0.0.1",
+        "--num-cpus=16",
+        "--num-gpus=2",
+        *(f"{k}={v}" for k, v in _node_ports().items()),
+    ]
+    worker = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=cluster_env(), start_new_session=True
+    )
+    deadline = time.monotonic() + 120
+    status = [str(BIN / "ray"), "status", f"--address={gcs}"]
+    while True:
+        if worker.poll() is not None:
+            pytest.fail(f"worker node's ray start exited {worker.returncode}:\n{_tail(temp_dir)}")
+        out = subprocess.run(status, capture_output=True, text=True, env=cluster_env()).stdout
+        if "0.0/2.0 GPU" in out:
+            return worker
+        if time.monotonic() > deadline:
+            pytest.fail(f"the worker node never joined:\n{out}\n{_tail(temp_dir)}")
+        time.sleep(1)
 
 
 def _tail(temp_dir: str) -> str:

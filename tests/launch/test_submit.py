@@ -1,6 +1,7 @@
 """``longact submit`` against a real Ray cluster on loopback (slow).
 
-One cluster (2 logical GPUs, 16 CPUs, 127.0.0.1 only, token authentication) takes:
+One cluster (a head with no GPU, a worker node with 2 logical GPUs and 16 CPUs, 127.0.0.1
+only, token authentication) takes:
 
 - a probe whose entrypoint imports ``longact.workers`` and prints where ``longact``
   came from: the staged working_dir, not the editable checkout (package_dir mapping);
@@ -8,7 +9,8 @@ One cluster (2 logical GPUs, 16 CPUs, 127.0.0.1 only, token authentication) take
   waited for (SUCCEEDED, exit 0), writing its checkpoint, LongAct's state included,
   where ``trainer.default_local_dir`` says;
 - a submission with a wrong auth token: refused with exit code 2;
-- a run with a model path that does not exist: FAILED, and ``--wait`` exits 1.
+- a run with a model path that does not exist: the driver leaves it to the workers (one
+  line), the run FAILED, and ``--wait`` exits 1.
 """
 
 from __future__ import annotations
@@ -77,6 +79,8 @@ def test_submit_grpo_cpu_to_existing_cluster(ray_cluster, submit_env, tiny_run):
     assert proc.returncode == 0, out[-8000:]
     assert "submitted job " in out
     assert "SUCCEEDED" in out
+    # the driver runs on the head (no GPU) and validated the run against the cluster
+    assert "cluster 127.0.0.1:" in out and "declares 2 GPUs; the run asks for 2" in out
     assert "step:2" in out, out[-8000:]
     assert (run["ckpt"] / "global_step_2").is_dir(), sorted(run["ckpt"].glob("*"))
     # LongAct (on by default) engaged in the cluster's workers: its section reached them
@@ -104,4 +108,7 @@ def test_submit_grpo_cpu_to_existing_cluster(ray_cluster, submit_env, tiny_run):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out[-4000:]
     assert "FAILED" in out
-    assert "does not exist" in out
+    # on a cluster the driver cannot tell a worker-only path from a wrong one: it says
+    # so in one line, and the run then fails on the path with verl's own check
+    assert "/nonexistent/model: not on the driver's node, left for the workers" in out
+    assert "is not a local directory" in out

@@ -154,3 +154,88 @@ def test_longact_config_from_dict_directly():
         LongActConfig.from_dict({"calibration": {"foo": 1}})
     with pytest.raises(ConfigError, match="capture_point='qkv'; valid: proj, norm"):
         LongActConfig.from_dict({"capture_point": "qkv"})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("actor_rollout_ref.actor.strategy=fsdp", "strategy='fsdp': LongAct extends"),
+        ("actor_rollout_ref.actor.strategy=megatron", "strategy='megatron': LongAct extends"),
+        ("actor_rollout_ref.model.lora_rank=8", "lora_rank=8: LoRA trains adapters"),
+        ("trainer.device=npu", "trainer.device='npu': LongAct's engine is registered"),
+    ],
+)
+def test_settings_that_would_silently_be_plain_rl_are_refused(prepare, override, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        prepare(override)
+    assert "longact.enable=false" in str(e.value)  # the way out is in the message
+    assert prepare(override, "longact.enable=false").longact.enable is False
+
+
+def test_driver_on_a_cluster_counts_the_clusters_gpus(prepare, monkeypatch, capsys):
+    """A head node without GPUs: the GPU recipe is checked against the cluster."""
+    import longact.train.config as config
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.setattr(config, "cluster_gpus", lambda address: 16.0)
+    cfg = prepare("trainer.nnodes=2", recipe="grpo")  # vllm, 8 x 2 GPUs
+    assert cfg.actor_rollout_ref.rollout.name == "vllm"
+    assert "cluster 10.0.0.1:6379 declares 16 GPUs; the run asks for 16" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="declares 16 GPUs, and the run asks for .* = 24"):
+        prepare("trainer.nnodes=3", recipe="grpo")
+
+
+def test_worker_only_paths_are_left_to_the_workers_on_a_cluster(prepare, monkeypatch, capsys):
+    import longact.train.config as config
+
+    monkeypatch.setattr(config, "cluster_gpus", lambda address: 2.0)
+    remote = "/mnt/nodes-only/Qwen3-8B"
+    cal = "/mnt/nodes-only/calib.parquet"
+    overrides = ["longact.calibration.enable=true", f"longact.calibration.data={cal}"]
+    with pytest.raises(ConfigError, match="does not exist"):  # a local run still checks
+        prepare(*overrides, model=remote)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    cfg = prepare(*overrides, model=remote)
+    assert cfg.actor_rollout_ref.model.path == remote
+    err = capsys.readouterr().err
+    assert f"{remote}, {cal}: not on the driver's node, left for the workers to check" in err
+
+
+def test_calibration_data_made_absolute_and_cut_like_training_prompts(
+    prepare, tmp_path, monkeypatch
+):
+    data = tmp_path / "calib.parquet"
+    data.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    cfg = prepare(
+        "longact.calibration.enable=true",
+        "longact.calibration.data=calib.parquet",
+        "data.max_prompt_length=96",
+    )
+    assert cfg.longact.calibration.data == str(data)
+    assert cfg.longact.calibration.max_length == 96
+
+
+def test_timeout_and_restarts_are_checked():
+    with pytest.raises(ConfigError, match="longact.timeout_s=0 must be a finite"):
+        LongActConfig.from_dict({"timeout_s": 0})
+    with pytest.raises(ConfigError, match="longact.coordinator_restarts=-1 must be"):
+        LongActConfig.from_dict({"coordinator_restarts": -1})
+
+
+def test_one_schema_from_shell_to_ranks(compose_values, monkeypatch):
+    """The Hydra section is the dataclass's: same keys and defaults, and what the
+    driver exports is what every rank rebuilds."""
+    from dataclasses import asdict
+
+    from longact.config import CONFIG_ENV
+
+    section = OmegaConf.to_container(compose_values("grpo_cpu", []).longact)
+    assert section == asdict(LongActConfig(refresh_async=False))  # grpo_cpu's one change
+    gpu = OmegaConf.to_container(compose_values("grpo", []).longact)
+    assert gpu == asdict(LongActConfig(refresh_async=True))
+    cfg = LongActConfig(ratio=0.4, ema=0.5, run_id="abc")
+    monkeypatch.setenv(CONFIG_ENV, cfg.to_yaml())
+    assert LongActConfig.from_env() == cfg
+    monkeypatch.setenv(CONFIG_ENV, LongActConfig(enable=False).to_yaml())
+    assert LongActConfig.from_env() is None

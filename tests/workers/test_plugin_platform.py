@@ -138,3 +138,20 @@ def test_register_is_idempotent():
     hf_rollout.register()
     assert PlatformRegistry.get("cpu") is cls
     assert base._ROLLOUT_REGISTRY[("hf", "async")] == "longact.workers.hf_rollout.HFServerAdapter"
+
+
+def test_cpu_platform_claims_only_processes_whose_torch_has_no_accelerator(monkeypatch):
+    """A process of a GPU node that Ray gave no GPU keeps verl's nvidia platform."""
+    from verl.plugin.platform.platform_manager import PlatformRegistry
+
+    from longact.workers import cpu_platform
+
+    cpu_platform.register()
+    platform = PlatformRegistry.get("cpu")
+    platform = platform() if isinstance(platform, type) else platform
+    monkeypatch.setattr(torch.version, "cuda", "13.0")  # a CUDA build, no device visible
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert platform.is_platform_available() is False
+    monkeypatch.setattr(torch.version, "cuda", None)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    assert platform.is_platform_available() is True
