@@ -8,11 +8,59 @@ only adds entries to verl's own registries:
 - verl's FSDP engine registered for the ``cpu`` device;
 - the ``hf`` rollout backend.
 
+It also stops ``python -m verl.trainer.main_ppo`` given ``longact.*`` overrides, which
+would otherwise train as plain RL.
+
 Failures are raised, not swallowed here; verl itself logs a failed plugin at debug
 level, so ``longact doctor`` imports this module directly to surface errors.
 """
 
 from __future__ import annotations
+
+import re
+import sys
+
+_LONGACT_OVERRIDE = re.compile(r"^\+{0,2}longact\.")
+
+
+def refuse_plain_verl_entry(argv: list[str] | None = None) -> None:
+    """verl's own ``main_ppo`` given a ``longact:`` section would train as plain RL (only
+    ``longact-train`` hands the section to the ranks): stop it with the fix.
+
+    Raises SystemExit, which verl's plugin loader (it catches ``Exception``) lets through.
+    """
+    argv = list(getattr(sys, "orig_argv", sys.argv) if argv is None else argv)
+    entry = next(
+        (
+            i
+            for i, a in enumerate(argv)
+            if a == "verl.trainer.main_ppo" or a.endswith("main_ppo.py")
+        ),
+        None,
+    )
+    if entry is None:
+        return
+    args = argv[entry + 1 :]
+    found = [a for a in args if _LONGACT_OVERRIDE.match(a)]
+    found += [a for a in args if a.startswith("--config-name") and _names_recipe(a, args)]
+    if found:
+        raise SystemExit(
+            f"longact: verl.trainer.main_ppo ignores LongAct's section ({' '.join(found)}) "
+            "and would train plain RL; run `longact-train recipe=...` with the same overrides"
+        )
+
+
+def _names_recipe(arg: str, args: list[str]) -> bool:
+    """``--config-name=NAME`` (or ``--config-name NAME``) picks a LongAct recipe, whose
+    ``longact:`` section only longact-train reads."""
+    from longact.train.config import available_recipes
+
+    if "=" in arg:
+        name = arg.split("=", 1)[1]
+    else:
+        i = args.index(arg)
+        name = args[i + 1] if i + 1 < len(args) else ""
+    return name in (*available_recipes(), "longact_trainer")
 
 
 def register_all() -> None:
@@ -23,4 +71,5 @@ def register_all() -> None:
     hf_rollout.register()
 
 
+refuse_plain_verl_entry()
 register_all()

@@ -60,3 +60,15 @@ def tiny_model(model_type: str = "qwen3", seed: int = 0, attn: str = "sdpa", **o
 def token_batch(seed: int, batch: int = 2, seq: int = 8, vocab: int = 64) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(1, vocab, (batch, seq), generator=g)
+
+
+def runtime_step(rt, model, opt, seed: int, vocab: int = 64, seq: int = 16) -> None:
+    """One training step as verl's engine runs it around a ``LongActRuntime``: forward and
+    backward, refresh and gradient masking, clipping and the protected optimizer step."""
+    ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(seed))
+    model(input_ids=ids, labels=ids).loss.backward()
+    rt.before_step()
+    with rt.protect():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    opt.zero_grad()

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 from longact_ranks import new_run_id, run_ranks
-from longact_tiny import tiny_model
+from longact_tiny import runtime_step, tiny_model
 
 from longact.config import LongActConfig
 from longact.core import QKLayout, QKStats
@@ -119,16 +119,6 @@ def test_a_rank_that_never_arrives_fails_the_others_within_the_timeout():
 # ---- one rank in-process ------------------------------------------------------------
 
 
-def _train_step(rt: LongActRuntime, model, opt, seed: int) -> None:
-    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(seed))
-    model(input_ids=ids, labels=ids).loss.backward()
-    rt.before_step()
-    with rt.protect():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    opt.zero_grad()
-
-
 def _poison_next_take(rt: LongActRuntime) -> None:
     take = rt.capture.take
 
@@ -150,18 +140,18 @@ def _runtime(cfg: LongActConfig, **kw):
 
 def test_runtime_keeps_its_masks_through_nonfinite_statistics():
     rt, model, opt = _runtime(LongActConfig(ratio=0.25))
-    _train_step(rt, model, opt, 1)
+    runtime_step(rt, model, opt, 1)
     masks = {k: rt.guard.masks[k].clone() for k in rt.guard.masks.keys()}
     _poison_next_take(rt)
     w = dict(model.named_parameters())["model.layers.0.self_attn.q_proj.weight"]
     before = w.detach().clone()
-    _train_step(rt, model, opt, 2)
+    runtime_step(rt, model, opt, 2)
     assert rt.version == 1
     assert all(torch.equal(masks[k], rt.guard.masks[k]) for k in masks)
     frozen = ~masks[(0, "q")]
     assert torch.equal(w.detach()[frozen], before[frozen])
     assert rt.pop_metrics()["longact/nonfinite_refresh"] == 1.0
-    _train_step(rt, model, opt, 3)
+    runtime_step(rt, model, opt, 3)
     assert rt.version == 2
 
 
@@ -169,7 +159,7 @@ def test_runtime_fails_clearly_on_nonfinite_statistics_at_the_first_refresh():
     rt, model, opt = _runtime(LongActConfig(ratio=0.25, run_id="solo"))
     _poison_next_take(rt)
     with pytest.raises(RefreshError, match=r"run solo, refresh at step 1: .*NaN or Inf"):
-        _train_step(rt, model, opt, 1)
+        runtime_step(rt, model, opt, 1)
 
 
 # ---- several ranks and the Ray actor ------------------------------------------------
@@ -184,7 +174,7 @@ def _steps(ranks: list, steps: range) -> list:
     def body(r: int):
         rt, model, opt = ranks[r]
         for s in steps:
-            _train_step(rt, model, opt, 100 * s + r)
+            runtime_step(rt, model, opt, 100 * s + r)
         return rt.version
 
     return run_ranks(body, len(ranks))
@@ -288,7 +278,7 @@ def test_ranks_restoring_different_checkpoints_fail_before_training():
 KILLED_WRITER = """
 import os, signal, sys, torch
 sys.path.insert(0, {tests!r})
-from longact_tiny import tiny_model
+from longact_tiny import runtime_step, tiny_model
 from longact.config import LongActConfig
 from longact.distributed.coordinator import SaliencyCoordinator
 from longact.train.runtime import LongActRuntime

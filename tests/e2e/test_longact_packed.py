@@ -23,7 +23,16 @@ from __future__ import annotations
 import sys
 
 import pytest
-from e2e_utils import BIN, base_overrides, check_step, load_weights, masks_at, run, step_metrics
+from e2e_utils import (
+    BIN,
+    base_overrides,
+    check_step,
+    load_weights,
+    masks_at,
+    run,
+    step_metrics,
+    step_weights,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -67,9 +76,9 @@ def test_frozen_rows_bit_identical_each_step(packed_run, tiny_dir):
     ckpt = packed_run["ckpt"]
     prev = load_weights(tiny_dir / "model.safetensors")
     for step in (1, 2, 3):
-        masks, state = masks_at(ckpt, step)
+        masks, _ = masks_at(ckpt, step)
         assert masks.version == step  # a refresh at every step
-        cur = load_weights(ckpt / f"global_step_{step}" / "actor" / "huggingface" / "model.safetensors")
+        cur = step_weights(ckpt, step)
         check_step(prev, cur, masks)
         prev = cur
 

@@ -5,6 +5,7 @@ mode, without a KV cache, with the logits of the last position only and prompts 
 from __future__ import annotations
 
 import torch
+from longact_tiny import runtime_step
 from transformers import AutoModelForCausalLM
 
 from longact.config import LongActConfig
@@ -55,32 +56,23 @@ def _runtime(tiny_xxs, cfg):
     return rt, model, opt, calls
 
 
-def _step(rt, model, opt, seed):
-    ids = torch.randint(3, 100, (2, 24), generator=torch.Generator().manual_seed(seed))
-    model(input_ids=ids, labels=ids).loss.backward()
-    rt.before_step()
-    with rt.protect():
-        opt.step()
-    opt.zero_grad()
-
-
 def test_calibration_runs_once_lean_and_never_after_a_resume(tiny_xxs, tmp_path):
     cfg = _setup(tiny_xxs, tmp_path, max_length=40)
     rt, model, opt, calls = _runtime(tiny_xxs, cfg)
     assert calls == []  # nothing runs before the first step (a resume may still come)
-    _step(rt, model, opt, 1)
+    runtime_step(rt, model, opt, 1)
     assert rt.version == 1 and rt.last_refresh == 0  # the calibrated mask, from step 1 on
     assert len(calls) == 3  # 5 prompts in batches of 2
     assert all(c["use_cache"] is False and c["logits_to_keep"] == 1 for c in calls)
     assert all(c["tokens"] <= 40 for c in calls)  # the 96-token prompts were cut
     assert model.training  # back in train mode
     for step in (2, 3):
-        _step(rt, model, opt, step)
+        runtime_step(rt, model, opt, step)
     assert rt.version == 2 and len(calls) == 3  # a refresh at step 2, no more calibration
     rt.save(str(tmp_path / "ckpt"))
 
     resumed, model2, opt2, calls2 = _runtime(tiny_xxs, cfg)
     resumed.load(str(tmp_path / "ckpt"))
-    _step(resumed, model2, opt2, 4)
+    runtime_step(resumed, model2, opt2, 4)
     assert calls2 == []  # the resumed run keeps its masks
     assert resumed.version == 3 and resumed.step == 4  # the refresh due at step 4 ran

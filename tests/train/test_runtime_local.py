@@ -5,24 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from longact_tiny import tiny_model
+from longact_tiny import runtime_step, tiny_model
 
 from longact.core.adapters import get_adapter
 from longact.distributed.coordinator import SaliencyCoordinator
 from longact.train.runtime import LongActRuntime, state_path
 
 CFG = {"ratio": 0.25, "policy": "topk", "score": "mean_abs", "refresh_interval": 2}
-
-
-def _train_step(rt: LongActRuntime, model, opt, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 64, (2, 16), generator=g)
-    model(input_ids=ids, labels=ids).loss.backward()
-    rt.before_step()
-    with rt.protect():
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    opt.zero_grad()
 
 
 def test_in_process_coordinator_runs_the_refresh_protocol():
@@ -34,7 +23,7 @@ def test_in_process_coordinator_runs_the_refresh_protocol():
     versions = []
     for step in range(1, 5):
         before = {k: v.detach().clone() for k, v in model.named_parameters()}
-        _train_step(rt, model, opt, step)
+        runtime_step(rt, model, opt, step)
         versions.append(rt.version)
         frozen = ~rt.guard.masks[(0, "q")]
         w = "model.layers.0.self_attn.q_proj.weight"
@@ -72,7 +61,7 @@ def test_async_refresh_installs_masks_one_step_later(tmp_path):
     versions = []
     for step in range(1, 5):
         before = dict(model.named_parameters())[w].detach().clone()
-        _train_step(rt, model, opt, step)
+        runtime_step(rt, model, opt, step)
         versions.append(rt.version)
         frozen = ~rt.guard.masks[(1, "k")]
         assert torch.equal(dict(model.named_parameters())[w].detach()[frozen], before[frozen])

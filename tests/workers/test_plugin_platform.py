@@ -155,3 +155,25 @@ def test_cpu_platform_claims_only_processes_whose_torch_has_no_accelerator(monke
     monkeypatch.setattr(torch.version, "cuda", None)
     monkeypatch.setattr(torch.version, "hip", None, raising=False)
     assert platform.is_platform_available() is True
+
+
+def test_verl_main_ppo_with_a_longact_section_is_refused():
+    """Launched through verl's own entry point, LongAct's section would never reach the
+    ranks: the plugin stops the run before Hydra or Ray start."""
+    from longact.workers.plugin import refuse_plain_verl_entry
+
+    refuse_plain_verl_entry(["python", "-m", "verl.trainer.main_ppo", "trainer.nnodes=1"])
+    refuse_plain_verl_entry(["longact-train", "recipe=grpo", "longact.ratio=0.3"])
+    refuse_plain_verl_entry(["python", "-m", "verl.trainer.main_ppo", "--config-name=ppo_trainer"])
+    for recipe in (["--config-name=grpo_cpu"], ["--config-name", "dapo"]):
+        with pytest.raises(SystemExit, match=f"ignores LongAct's section \\({recipe[0]}"):
+            refuse_plain_verl_entry(["python", "-m", "verl.trainer.main_ppo", *recipe])
+    proc = subprocess.run(
+        [sys.executable, "-m", "verl.trainer.main_ppo", "+longact.enable=true"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "verl.trainer.main_ppo ignores LongAct's section (+longact.enable=true)" in proc.stderr
+    assert "longact-train" in proc.stderr
