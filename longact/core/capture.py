@@ -101,6 +101,15 @@ class QKCapture:
         """(B, T) bool/int mask of tokens to count for the next passes; None to clear."""
         self._token_mask = mask
 
+    def to(self, device: torch.device | str) -> QKCapture:
+        """Keep the statistics gathered so far on ``device`` (e.g. the CPU while verl
+        offloads the model); the next recorded activation brings them to its own device."""
+        device = torch.device(device)
+        if device != self._device:
+            self.stats = self.stats.to(device)
+            self._device = device
+        return self
+
     def take(self) -> QKStats:
         """Return the statistics gathered so far and start from zero."""
         out = self.stats
@@ -188,6 +197,8 @@ class QKCapture:
         else:
             lead = out.shape[:-1]  # (B, T, C) -> (B, T)
         x = out.detach().reshape(*lead, n_channels)  # (B, T, C)
+        if x.device != self._device:  # the model moved (verl's param offload): follow it
+            self.to(x.device)
         mask = self._token_mask if self._token_mask is not None else self._pass_mask
         if mask is not None:
             mask = self._fit_mask(mask, lead)  # (B, T) bool

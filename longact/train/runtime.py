@@ -147,7 +147,13 @@ class LongActRuntime:
         mine = prompts[self.rank :: self.world_size]
         bs = cal.batch_size
         n_batches = -(-len(prompts[0 :: self.world_size]) // bs)  # rank 0 has the most
-        device = next(self.module.parameters()).device
+        # where the forward computes: the accelerator, even while FSDP keeps parameters
+        # on the CPU (offload policy); the parameters' device otherwise
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else next(self.module.parameters()).device
+        )
         capture = QKCapture(
             self.module, self.adapter, self.capture.point, during_no_grad=True, fields=self._fields
         )
@@ -297,8 +303,10 @@ class LongActRuntime:
             self._pending_metrics[f"longact/{name}"] = dt
 
     def offloaded(self) -> None:
-        """The engine moved the model off the accelerator: free LongAct's copies there."""
+        """The engine moved the model off the accelerator: LongAct keeps nothing there
+        (row-index copies freed, statistics gathered so far moved to the CPU)."""
         self.guard.drop_device_copies()
+        self.capture.to("cpu")
 
     def pop_metrics(self) -> dict[str, float]:
         out = dict(self._pending_metrics)

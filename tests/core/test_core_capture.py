@@ -191,3 +191,20 @@ def test_packed_token_mask_excludes_the_appended_padding(local_len, pad, sp, exp
     assert [int(m.sum()) for m in masks] == expected
     for m in masks:  # real tokens first, padding last, in every slice
         assert m.shape == (1, local_len) and torch.equal(m, m.sort(descending=True).values)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_capture_follows_the_model_across_offload():
+    """Built while verl keeps the model on the CPU (param offload), the capture gathers on
+    the GPU once the model computes there, and moves to the CPU while it is offloaded."""
+    model = tiny_model("qwen3", seed=0)
+    cap = QKCapture(model).attach()
+    model.to("cuda")
+    ids = token_batch(0, 2, 8)
+    model(input_ids=ids.cuda())
+    assert cap.stats[(0, "q")].sum_abs.device.type == "cuda"
+    cap.to("cpu")  # the engine offloads
+    assert cap.stats[(0, "q")].sum_abs.device.type == "cpu"
+    model(input_ids=ids.cuda())
+    assert cap.stats.token_count((0, "q")) == 32  # two passes of 2 x 8 tokens, kept
