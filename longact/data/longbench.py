@@ -69,14 +69,29 @@ def load(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise LongBenchError(f"LongBench v2 file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as e:
-            raise LongBenchError(f"{path}: not JSON nor JSON lines ({e})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise LongBenchError(
+            f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); LongBench v2 files are "
+            "UTF-8 JSON: re-encode it, e.g. `iconv -f LATIN1 -t UTF-8`"
+        ) from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    try:
+        if path.suffix == ".jsonl":  # JSON lines, even of a single record
+            data = [json.loads(line) for line in lines]
+        else:
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError:
+                data = [json.loads(line) for line in lines]
+    except json.JSONDecodeError as e:
+        raise LongBenchError(f"{path}: not JSON nor JSON lines ({e})") from None
+    if isinstance(data, dict):
+        raise LongBenchError(
+            f"{path}: expected a list of records, got one record (a dict); wrap it in [ ] "
+            "or name the file .jsonl (one record per line)"
+        )
     return validate(data)
 
 

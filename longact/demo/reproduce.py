@@ -36,15 +36,65 @@ from longact.demo.pipeline import (
 )
 from longact.demo.runner import Stages
 
-# two-sided 97.5% quantiles of Student's t for small degrees of freedom
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (
+            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
+        ):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """I_x(a, b), the regularized incomplete beta function, for 0 <= x <= 1."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    front = math.exp(lbeta + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with ``df`` (> 0, not necessarily whole) degrees of freedom."""
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t (bisection on :func:`t_cdf`, to 1e-12)."""
+    if not (0.0 < p < 1.0) or not df > 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+        if hi - lo < 1e-12:
+            break
+    return (lo + hi) / 2.0
 
 
 def t975(df: float) -> float:
-    if df >= 30:
-        return 1.96
-    lo = max(1, math.floor(df))
-    return _T975.get(lo, 2.2)
+    """Two-sided 95% critical value of Student's t (exact, any df > 0)."""
+    return t_quantile(0.975, df)
 
 
 def mean_ci(xs: list[float]) -> tuple[float, float]:
@@ -56,12 +106,18 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Difference of means (a - b) and the half-width of its 95% Welch interval."""
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    """Difference of means (a - b) and the half-width of its 95% Welch interval.
+
+    The half-width is NaN (no verdict) with fewer than 2 seeds in an arm, or when both
+    arms have no spread but different means (no interval can be formed); two identical
+    constant arms give 0 (a tie)."""
     diff = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return diff, float("nan")
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
     se = math.sqrt(va + vb)
     if se == 0:
-        return diff, 0.0
+        return diff, (0.0 if diff == 0 else float("nan"))
     df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
     return diff, t975(df) * se
 

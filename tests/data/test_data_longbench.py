@@ -67,6 +67,16 @@ def test_file_errors(tmp_path):
         lb.load(tmp_path / "y.json")
 
 
+def test_single_record_jsonl_and_non_utf8_files(tmp_path):
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(record(0)) + "\n")
+    assert lb.load(one) == [record(0)]
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(json.dumps([record(0, context=" caf\u00e9")]).encode("utf-8")[:-3] + b"\xe9]")
+    with pytest.raises(lb.LongBenchError, match=r"latin.json is not UTF-8 text \(byte \d+"):
+        lb.load(latin)
+
+
 def test_truncate_middle_keeps_head_and_tail(tiny_tok):
     text = " amber" * 10 + " the" * 500 + " zephyr" * 10
     cut = lb.truncate_middle(text, tiny_tok, 40)

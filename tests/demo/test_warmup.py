@@ -2,10 +2,13 @@
 
 A very short warm-up checks the mechanism, not the number: after it, the model puts
 more probability on the correct answers of held-out prompts than before, and its
-checkpoint loads as a plain HF model.
+checkpoint loads as a plain HF model. verl's SFT trainer runs through LongAct's engine
+class (registered for the CPU) and stays stock verl: LongAct is off without its section.
 """
 
 from __future__ import annotations
+
+import re
 
 import pytest
 import torch
@@ -62,3 +65,7 @@ def test_short_warmup_raises_answer_likelihood(tmp_path):
     held_out = make_dataset("niah_single", model, 64, 8, seed=99, **cfg["task"]["options"])
     before, after = _answer_logprob(model, held_out), _answer_logprob(trained, held_out)
     assert after > before + 1.0, (before, after)
+    # verl's own SFT trainer, with LongAct installed (its engine class serves verl's
+    # SFT engine too), trains as stock verl: no LongAct metric in its log
+    log = (out / "sft.log").read_text(errors="replace")
+    assert "loss" in log and not re.search(r"longact/\w+:", log)

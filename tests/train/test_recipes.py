@@ -80,8 +80,8 @@ def test_hydra_argv():
 
 def test_console_script_rejects_unknown_recipe():
     script = Path(sys.executable).parent / "longact-train"
-    if not script.exists():
-        pytest.skip("longact-train console script not installed next to this python")
+    # a missing console script is a broken install (setup.py's entry points): fail, never skip
+    assert script.exists(), f"longact-train console script missing next to {sys.executable}"
     env = dict(os.environ, RAY_ADDRESS="127.0.0.1:1")  # would fail loudly if Ray were used
     proc = subprocess.run(
         [str(script), "recipe=nope", "longact.ratio=0.2"],
