@@ -11,7 +11,7 @@ export PYTHONWARNINGS ?= ignore::UserWarning,ignore::FutureWarning,ignore::Depre
 
 setup: $(VENV)/.longact-install-cpu
 
-$(VENV)/.longact-install-cpu: requirements/cpu.txt requirements/dev.txt requirements/cpu.lock requirements/verl.txt setup.py scripts/install.sh
+$(VENV)/.longact-install-cpu: requirements/cpu.txt requirements/dev.txt requirements/cpu.lock requirements/verl.txt setup.py scripts/install.sh scripts/torch_source.py
 	bash scripts/install.sh cpu --dev --venv $(VENV) --editable
 
 demo: setup

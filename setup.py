@@ -27,7 +27,34 @@ def read_requirements(name: str) -> list[str]:
     return out
 
 
-cpu = read_requirements("cpu.txt")
+def package_requirements() -> list[str]:
+    """What ``longact`` itself requires: the CPU tier's packages (torch excluded), each as a
+    range that admits both tiers' pins, so ``longact`` and ``longact[gpu]`` both install
+    (e.g. transformers 5.10.4 on the CPU, 5.9.0 on GPUs). Exact versions stay in the tier
+    files and locks; verl is pinned in requirements/verl.txt only."""
+    from packaging.requirements import Requirement
+
+    gpu = {Requirement(r).name.lower(): Requirement(r) for r in read_requirements("gpu.txt")}
+    out = []
+    for line in read_requirements("cpu.txt"):
+        req = Requirement(line)
+        if req.name.lower() == "torch":
+            continue  # left to the tier: a plain install must never pull a CUDA build
+        other = gpu.get(req.name.lower())
+        pins = sorted(
+            {str(r.specifier).removeprefix("==") for r in (req, other) if r is not None},
+            key=lambda v: tuple(int(x) for x in v.split(".") if x.isdigit()),
+        )
+        extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+        if other is None:
+            out.append(f"{req.name}{extras}")  # one tier only: pinned there, not here
+        elif len(pins) == 1:
+            out.append(f"{req.name}{extras}=={pins[0]}")
+        else:
+            out.append(f"{req.name}{extras}>={pins[0]},<={pins[-1]}")
+    return out
+
+
 setup(
     name="longact",
     version="0.1.0",
@@ -57,9 +84,7 @@ setup(
         "longact.hydra_configs": "hydra_configs",
     },
     package_data={"longact.recipes": ["*.yaml"], "longact.hydra_configs": ["*.yaml", "**/*.yaml"]},
-    # verl, ray and transformers are the framework; torch is left to the environment's
-    # set (requirements/cpu.txt or gpu.txt) so a plain install never pulls a CUDA build.
-    install_requires=[r for r in cpu if not r.startswith("torch")],
+    install_requires=package_requirements(),
     extras_require={"gpu": read_requirements("gpu.txt"), "dev": read_requirements("dev.txt")},
     entry_points={
         "console_scripts": [

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # One install path for a bare machine, the Makefile and both Docker images.
 #
-#   scripts/install.sh cpu [--dev] [--venv DIR] [--editable]
-#   scripts/install.sh gpu [--venv DIR]
+#   scripts/install.sh cpu [--dev] [--venv DIR] [--editable] [--deps-only]
+#   scripts/install.sh gpu [--dev] [--venv DIR] [--deps-only]
 #
-# cpu: torch 2.13.0 (CPU build) + verl + the CPU set, pinned by requirements/cpu.lock.
-# gpu: the versions verl's GPU extras pin (torch 2.11.0, vllm 0.24.0, flash-attn 2.8.3).
+# cpu: torch 2.13.0, CPU build (its source is chosen by scripts/torch_source.py: what is
+#      installed or configured locally, else PyTorch's CPU index; never PyPI's CUDA build
+#      without a warning) + verl + the CPU set, pinned by requirements/cpu.lock.
+# gpu: the versions verl's GPU extras pin (torch 2.11.0, vllm 0.24.0, flash-attn 2.8.3),
+#      with flash-attn's build tools pinned by requirements/gpu-build.txt.
 # --venv DIR creates/uses a virtualenv (default: install into the current python).
-# Idempotent: a stamp records the hash of the requirement files; a rerun with the same
-# files and flags does nothing.
+# --deps-only installs the dependencies and not LongAct itself (the GPU image installs
+#      them before copying the source, so a source edit does not rebuild flash-attn).
+# The dependencies are installed once per content of the requirement files (a stamp in
+# the environment records their hash). LongAct itself is reinstalled on every run unless
+# it already is an editable install of this checkout, so a code change always lands.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,12 +23,24 @@ shift || true
 DEV=0
 VENV=""
 EDITABLE=0
+DEPS_ONLY=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dev) DEV=1 ;;
-    --venv) VENV="$2"; shift ;;
+    --venv)
+      if [[ $# -lt 2 || -z "$2" || "$2" == --* ]]; then
+        echo "install.sh: --venv needs a directory, e.g. --venv .venv" >&2
+        exit 2
+      fi
+      VENV="$2"
+      shift
+      ;;
     --editable) EDITABLE=1 ;;
-    *) echo "install.sh: unknown option '$1' (allowed: --dev, --venv DIR, --editable)" >&2; exit 2 ;;
+    --deps-only) DEPS_ONLY=1 ;;
+    *)
+      echo "install.sh: unknown option '$1' (allowed: --dev, --venv DIR, --editable, --deps-only)" >&2
+      exit 2
+      ;;
   esac
   shift
 done
@@ -43,36 +61,56 @@ fi
 STAMP_DIR="$("$PY" -c 'import sys; print(sys.prefix)')"
 STAMP="$STAMP_DIR/.longact-install-$SET"
 HASH="$(cat "$ROOT"/requirements/*.txt "$ROOT"/requirements/*.lock "$ROOT/setup.py" \
-  | sha256sum | cut -c1-16)-dev$DEV-ed$EDITABLE"
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$HASH" ]]; then
-  echo "[install] $SET set already installed in $STAMP_DIR (delete $STAMP to force)"
-  exit 0
-fi
-
+  | sha256sum | cut -c1-16)-dev$DEV"
 PIP=("$PY" -m pip install --disable-pip-version-check -q)
-if [[ "$SET" == "cpu" ]]; then
-  # torch first and alone: pinned, so pip takes the CPU build and never a CUDA one.
-  echo "[install] torch (CPU build)"
-  "${PIP[@]}" torch==2.13.0
+
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$HASH" ]]; then
+  echo "[install] $SET dependencies already installed in $STAMP_DIR (delete $STAMP to force)"
+elif [[ "$SET" == "cpu" ]]; then
+  mapfile -t TORCH < <("$PY" "$ROOT/scripts/torch_source.py" "$PY")
+  if [[ "${TORCH[*]}" != "keep" ]]; then
+    "${PIP[@]}" "${TORCH[@]}"
+  fi
   REQS=(-r "$ROOT/requirements/cpu.txt")
   [[ $DEV == 1 ]] && REQS+=(-r "$ROOT/requirements/dev.txt")
   echo "[install] verl, ray, transformers and the CPU set (pinned by requirements/cpu.lock)"
   "${PIP[@]}" "${REQS[@]}" -c "$ROOT/requirements/cpu.lock"
+  echo "$HASH" > "$STAMP"
 else
   echo "[install] GPU set (torch 2.11.0, vllm 0.24.0, flash-attn 2.8.3)"
   "${PIP[@]}" torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
   # flash-attn 2.8.3 is source-only and imports torch in its setup: no build isolation
-  "${PIP[@]}" setuptools wheel packaging psutil ninja einops
-  "${PIP[@]}" --no-build-isolation flash-attn==2.8.3
-  "${PIP[@]}" -r "$ROOT/requirements/gpu.txt"
+  "${PIP[@]}" -r "$ROOT/requirements/gpu-build.txt"
+  if [[ "${LONGACT_SKIP_FLASH_ATTN:-0}" == 1 ]]; then  # fallback: sdpa attention only
+    echo "[install] flash-attn skipped (LONGACT_SKIP_FLASH_ATTN=1)"
+    "${PIP[@]}" $(grep -v '^flash-attn' "$ROOT/requirements/gpu.txt" | sed 's/#.*//' | grep -v '^-r' | xargs) \
+      -r "$ROOT/requirements/verl.txt"
+  else
+    "${PIP[@]}" --no-build-isolation flash-attn==2.8.3
+    "${PIP[@]}" -r "$ROOT/requirements/gpu.txt"
+  fi
   [[ $DEV == 1 ]] && "${PIP[@]}" -r "$ROOT/requirements/dev.txt"
+  echo "$HASH" > "$STAMP"
 fi
 
-echo "[install] longact"
-if [[ $EDITABLE == 1 ]]; then
-  "${PIP[@]}" --no-deps -e "$ROOT"
-else
-  "${PIP[@]}" --no-deps "$ROOT"
+if [[ $DEPS_ONLY == 1 ]]; then
+  echo "[install] done ($SET dependencies) in $STAMP_DIR"
+  exit 0
 fi
-echo "$HASH" > "$STAMP"
+if [[ $EDITABLE == 1 ]]; then
+  EDITABLE_OF_ROOT='import json, sys
+from importlib.metadata import distribution
+url = json.loads(distribution("longact").read_text("direct_url.json") or "{}")
+editable = url.get("dir_info", {}).get("editable", False)
+sys.exit(0 if editable and url.get("url") == "file://" + sys.argv[1] else 1)'
+  if "$PY" -I -c "$EDITABLE_OF_ROOT" "$ROOT" 2>/dev/null; then  # -I: not the cwd's egg-info
+    echo "[install] longact: the editable install of $ROOT is in place"
+  else
+    echo "[install] longact (editable)"
+    "${PIP[@]}" --no-deps -e "$ROOT"
+  fi
+else
+  echo "[install] longact"
+  "${PIP[@]}" --no-deps --force-reinstall "$ROOT"
+fi
 echo "[install] done ($SET) in $STAMP_DIR"

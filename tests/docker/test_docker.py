@@ -93,6 +93,8 @@ def test_install_script_cpu_in_a_scratch_venv(tmp_path):
         ["bash", str(REPO / "scripts" / "install.sh"), "cpu", "--venv", str(venv)], tmp_path, env
     )
     assert "already installed" in again
+    # ... but LongAct itself is reinstalled, so a code change lands in a non-editable install
+    assert "[install] longact\n" in again
 
     check_installed(venv, tmp_path, env)
 
@@ -118,6 +120,10 @@ def check_installed(venv: Path, cwd: Path, env: dict) -> None:
     )
     site_pkg = Path(where).parent
     assert str(venv) in where and not where.startswith(str(REPO)), where
+    # the dependency tiers are consistent: nothing installed conflicts with a requirement
+    assert "No broken requirements found" in _run(
+        [str(vbin / "python"), "-m", "pip", "check"], cwd, env
+    )
 
     # package data: recipes and Hydra configs compose from the installed package
     cfg = _run(
@@ -149,3 +155,99 @@ def check_installed(venv: Path, cwd: Path, env: dict) -> None:
         for yaml in (REPO / folder).rglob("*.yaml"):
             rel = yaml.relative_to(REPO / folder)
             assert (site_pkg / folder / rel).is_file(), f"package data missing: {folder}/{rel}"
+
+
+def test_project_environment_passes_pip_check():
+    proc = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_install_script_refuses_a_venv_option_without_a_folder(tmp_path):
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "install.sh"), "cpu", "--venv"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "--venv needs a directory" in proc.stderr
+
+
+def test_setup_requirements_admit_both_tiers(tmp_path):
+    """``longact[gpu]`` can be installed: every pin of the CPU and GPU tiers satisfies
+    the package's own requirements (which therefore carry ranges, not one tier's pins)."""
+    from packaging.requirements import Requirement
+
+    def pins(name: str) -> dict[str, str]:
+        out = {}
+        for line in (REPO / "requirements" / name).read_text().splitlines():
+            line = line.split("#", 1)[0].strip()
+            if line and not line.startswith("-r") and "==" in line:
+                req = Requirement(line)
+                out[req.name.lower()] = str(req.specifier).removeprefix("==")
+        return out
+
+    verl = pins("verl.txt")
+    setup_reqs = subprocess.run(
+        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert setup_reqs.returncode == 0, setup_reqs.stderr
+    requires = (tmp_path / "longact.egg-info" / "requires.txt").read_text().split("\n\n")[0]
+    for tier in ("cpu.txt", "gpu.txt"):
+        tier_pins = {**verl, **pins(tier)}
+        for line in filter(None, requires.splitlines()):
+            req = Requirement(line)
+            version = tier_pins.get(req.name.lower())
+            if version is None:  # a package of one tier only: unpinned in longact
+                assert not req.specifier, f"{req.name}{req.specifier}: {tier} does not pin it"
+                continue
+            assert req.specifier.contains(version, prereleases=True), (
+                f"{tier} pins {req.name}=={version}, outside longact's {req.specifier}"
+            )
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_images_install_dependencies_before_the_source_and_check_themselves(dockerfile):
+    lines = [ln.strip() for ln in dockerfile.read_text().splitlines()]
+    copies = [i for i, ln in enumerate(lines) if ln.startswith("COPY ")]
+    deps = next(i for i, ln in enumerate(lines) if "--deps-only" in ln)
+    source = next(i for i, ln in enumerate(lines) if ln.startswith("COPY . "))
+    assert any(lines[i].startswith("COPY requirements/") for i in copies if i < deps)
+    assert deps < source, "a source edit would rerun the dependency install"
+    tier = "gpu" if dockerfile.name == "Dockerfile" else "cpu"
+    after = "\n".join(lines[source:])
+    assert f"scripts/image_check.py --tier {tier}" in after
+    # the user is created only where its uid/gid are free (--build-arg UID=0 builds)
+    text = "\n".join(lines)
+    assert 'getent group "${UID}"' in text and 'getent passwd "${UID}"' in text
+
+
+def test_gpu_image_bounds_the_flash_attn_build():
+    text = DOCKERFILES[0].read_text()
+    for arg in (
+        'TORCH_CUDA_ARCH_LIST="8.0;9.0"',
+        'FLASH_ATTN_CUDA_ARCHS="80;90"',
+        "NVCC_THREADS=2",
+    ):
+        assert f"ARG {arg}" in text, arg
+
+
+def test_cpu_image_base_tag_is_fixed():
+    base = next(ln for ln in DOCKERFILES[1].read_text().splitlines() if ln.startswith("FROM "))
+    tag = base.split(":", 1)[1]
+    assert tag.count(".") == 2 and tag.endswith("-bookworm"), base  # 3.11.7-slim-bookworm
+
+
+def test_image_check_passes_on_this_environment():
+    """What the CPU image runs after its build, on the project's own CPU environment."""
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "image_check.py"), "--tier", "cpu"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert proc.returncode == 0 and "image_check: ok" in proc.stdout, proc.stderr[-3000:]

@@ -95,3 +95,26 @@ def check_step(before: dict, after: dict, masks: MaskSet) -> None:
             assert bool(moved.all()), f"{name}: {int((~moved).sum())} trainable rows unchanged"
         else:
             assert not torch.equal(w0, w1), f"{name} did not change"
+
+
+def qk_moments(ckpt: Path, step: int, model_dir: Path, world: int = 2) -> dict:
+    """{(param name, state key): (rows, ...) tensor} of the Adam moments of every W_Q/W_K
+    weight in the step's verl optimizer checkpoint, each rank's ``Shard(0)`` rows put
+    back in place. verl's optimizer state is keyed by parameter index, in the model's
+    ``named_parameters`` order."""
+    from transformers import AutoModelForCausalLM
+
+    names = [n for n, _ in AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()]
+    actor = ckpt / f"global_step_{step}" / "actor"
+    parts: dict = {}
+    for rank in range(world):
+        sd = torch.load(actor / f"optim_world_size_{world}_rank_{rank}.pt", weights_only=False)
+        for idx, state in sd["state"].items():
+            name = names[int(idx)]
+            if not name.endswith(QK_SUFFIXES):
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                local = state[key]
+                local = local.to_local() if hasattr(local, "to_local") else local
+                parts.setdefault((name, key), []).append(local)
+    return {k: torch.cat(v) for k, v in parts.items()}

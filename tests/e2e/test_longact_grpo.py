@@ -8,6 +8,9 @@ the step-3 checkpoint is complete; a second run resumes from it. The checks:
   after the step; rows inside changed; every other parameter changed;
 - the coordinator's version advanced as configured (1, 1, 2);
 - the resumed run continues at step 4 with the same mask version and coordinator state;
+- field by field, the LongAct state saved at step 3 (EMA statistics with ``ema=0.5``, the
+  refresh history, counters, on both ranks' copies) and the Adam moments of the frozen
+  W_Q/W_K rows in verl's optimizer state are what step 4 continued from;
 - a wandb offline run directory holds the ``longact/*`` metrics.
 """
 
@@ -29,10 +32,13 @@ from e2e_utils import (
     env,
     load_weights,
     masks_at,
+    qk_moments,
     run,
     step_metrics,
     step_weights,
 )
+
+from longact.core.masks import MaskSet
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +57,7 @@ def _cmd(tiny_dir, rl_data, ckpt, total, wandb_dir):
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
         "longact.ratio=0.3",
         "longact.refresh_interval=2",
+        "longact.ema=0.5",  # running statistics carry history: the resume must keep it
     ], {"WANDB_DIR": str(wandb_dir)}
 
 
@@ -108,12 +115,18 @@ def test_frozen_rows_bit_identical_each_step(killed_run, tiny_dir):
         assert metrics[3][f"actor/longact/{part}"] > 0, part
 
 
-def test_resume_continues_with_same_masks(killed_run, tiny_dir, rl_data):
+@pytest.fixture(scope="module")
+def resumed_run(killed_run, tiny_dir, rl_data) -> str:
+    """The killed run resumed from its step-3 checkpoint, for one more step."""
     ckpt, root = killed_run["ckpt"], killed_run["root"]
     assert _latest(ckpt) == 3
     cmd, extra = _cmd(tiny_dir, rl_data, ckpt, 4, killed_run["wandb"])
-    text = run(cmd, root / "resume.log", extra_env=extra)
-    metrics = step_metrics(text)
+    return run(cmd, root / "resume.log", extra_env=extra)
+
+
+def test_resume_continues_with_same_masks(killed_run, resumed_run):
+    ckpt = killed_run["ckpt"]
+    metrics = step_metrics(resumed_run)
     assert sorted(metrics) == [4], f"resumed run logged steps {sorted(metrics)}"
     assert metrics[4]["actor/longact/mask_version"] == 2.0  # no new refresh at step 4
     masks3, _ = masks_at(ckpt, 3)
@@ -123,6 +136,43 @@ def test_resume_continues_with_same_masks(killed_run, tiny_dir, rl_data):
     coord = state4["coordinator"]
     assert coord["version"] == 2 and len(coord["history"]) == 2 and state4["step"] == 4
     check_step(step_weights(ckpt, 3), step_weights(ckpt, 4), masks4)
+
+
+def test_resume_restores_the_whole_longact_state(killed_run, resumed_run, tiny_dir):
+    """Field by field: the state saved at step 3 is the state the resumed run continued
+    from. Step 4 has no refresh, so everything but the step counter must be unchanged at
+    step 4: the EMA statistics, the refresh history, the version, on both ranks' copies;
+    and in verl's optimizer state, the Adam moments of the frozen W_Q/W_K rows."""
+    ckpt = killed_run["ckpt"]
+    saved = [masks_at(ckpt, 3)[1]]
+    saved.append(
+        torch.load(ckpt / "global_step_3" / "actor" / "longact_state_rank1.pt", weights_only=False)
+    )
+    after = masks_at(ckpt, 4)[1]
+    assert saved[0]["coordinator"]["config"]["ema"] == 0.5
+    for state in saved:  # every rank wrote the same coordinator state (node-local copies)
+        c0, c1 = state["coordinator"], after["coordinator"]
+        assert (c0["version"], c0["history"], c0["nonfinite_refreshes"]) == (
+            c1["version"],
+            c1["history"],
+            c1["nonfinite_refreshes"],
+        )
+        for key, fields in c0["running"]["entries"].items():
+            for f, v in fields.items():
+                assert torch.equal(v, c1["running"]["entries"][key][f]), (key, f)
+        assert (state["last_refresh"], state["step"] + 1) == (after["last_refresh"], after["step"])
+    masks = MaskSet.from_state_dict(after["coordinator"]["masks"])
+    m3, m4 = qk_moments(ckpt, 3, tiny_dir), qk_moments(ckpt, 4, tiny_dir)
+    assert m3.keys() == m4.keys() and m3
+    nonzero_frozen = 0
+    for (name, key), before in m3.items():
+        layer = int(name.split(".layers.")[1].split(".")[0])
+        keep = masks[(layer, "q" if ".q_proj." in name else "k")]
+        assert torch.equal(before[~keep], m4[(name, key)][~keep]), f"{name} {key}: frozen moved"
+        assert not torch.equal(before[keep], m4[(name, key)][keep]), f"{name} {key}: still"
+        nonzero_frozen += int((before[~keep] != 0).any(dim=1).sum())
+    # rows that left the mask at step 3 carry their moments: the check above is not vacuous
+    assert nonzero_frozen > 0
 
 
 def test_wandb_offline_has_longact_metrics(killed_run):

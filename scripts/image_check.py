@@ -1,0 +1,84 @@
+"""What an image build checks before it is tagged (both Dockerfiles run this; the CPU
+tier is also tested in `make test` on the project's own environment).
+
+    python scripts/image_check.py --tier cpu|gpu
+
+- torch imports, and is the tier's build: no CUDA for ``cpu``; CUDA 13 for ``gpu``;
+- ``gpu``: flash_attn (unless the image was built with ``SKIP_FLASH_ATTN=1``) and vllm
+  import;
+- verl imports with LongAct's plugin loaded: LongAct's engine is verl's FSDP2 engine
+  for the tier's device, and the ``hf`` rollout is registered;
+- ``longact --help`` and ``longact-train --help`` run;
+- ``pip check`` finds no broken requirement.
+
+Exits 1 with one line per failed check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+
+def checks(tier: str) -> list[str]:
+    problems = []
+    import torch
+
+    cuda = torch.version.cuda
+    if tier == "cpu" and cuda is not None:
+        problems.append(
+            f"torch {torch.__version__} is a CUDA {cuda} build; the CPU tier wants the CPU one"
+        )
+    if tier == "gpu" and not (cuda or "").startswith("13"):
+        problems.append(f"torch {torch.__version__} has CUDA {cuda!r}; the GPU image wants CUDA 13")
+    if tier == "gpu":
+        skip_fa = os.environ.get("LONGACT_SKIP_FLASH_ATTN") == "1"  # the sdpa-only fallback
+        for mod in ("vllm",) if skip_fa else ("flash_attn", "vllm"):
+            try:
+                importlib.import_module(mod)
+            except Exception as e:  # noqa: BLE001 - reported, not raised
+                problems.append(f"import {mod} failed: {type(e).__name__}: {e}")
+    import verl  # noqa: F401 - loads the verl.plugins entry points, LongAct's among them
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.rollout import base as rollout_base
+
+    engines = EngineRegistry._engines.get("language_model", {}).get("fsdp2", {})
+    key = "cpu" if tier == "cpu" else ("cuda", "nvidia")
+    engine = getattr(engines.get(key), "__name__", None)
+    if engine != "LongActFSDPEngine":
+        problems.append(
+            f"verl's FSDP2 engine for {key} is {engine}, not LongAct's: plugin not loaded"
+        )
+    if ("hf", "async") not in rollout_base._ROLLOUT_REGISTRY:
+        problems.append("the hf rollout is not registered in verl")
+    for script in ("longact", "longact-train"):
+        exe = shutil.which(script) or str(Path(sys.executable).parent / script)
+        proc = subprocess.run([exe, "--help"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            problems.append(
+                f"{script} --help exited {proc.returncode}: {proc.stderr.strip()[-300:]}"
+            )
+    proc = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        problems.append(f"pip check: {proc.stdout.strip()}")
+    return problems
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="check an installed LongAct image")
+    ap.add_argument("--tier", choices=("cpu", "gpu"), required=True)
+    problems = checks(ap.parse_args().tier)
+    for p in problems:
+        print(f"image_check: {p}", file=sys.stderr)
+    if not problems:
+        print("image_check: ok")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
