@@ -5,7 +5,7 @@ channels, float64, random values) and, at a refresh, does what ``LongActRuntime.
 does: ``stats.state_dict()`` then ``ray.get(coordinator.exchange.remote(rank, step, sd))``.
 
 - ``ray`` mode: a local Ray cluster; the coordinator is the real named actor from
-  ``get_or_create``; ranks are threads inside ``procs`` Ray actor processes (rank r in
+  ``create``; ranks are threads inside ``procs`` Ray actor processes (rank r in
   process r % procs; 32 torch processes would not fit next to other jobs on this machine).
   All ranks start at the same wall-clock instant; each records the time it starts sending
   and the time its exchange returns. Latency = max(return) - min(send), median over
@@ -116,6 +116,14 @@ def proc_memory(pid: int) -> dict[str, int]:
     return out
 
 
+def _named_coordinator(run_id: str, config: dict, layout, n: int):
+    """The coordinator as a training run has it: ``create`` with the run's config."""
+    from longact.config import LongActConfig
+    from longact.distributed.coordinator import create
+
+    return create(LongActConfig.from_dict({**config, "run_id": run_id}), layout, n)
+
+
 class RankGroup:
     """Several simulated ranks in one process (each refresh: one thread per rank)."""
 
@@ -170,12 +178,10 @@ def ray_latency(
 ) -> dict[int, dict[str, Any]]:
     """{ranks: {fmt: {...latency...}, "rss_before": .., ...}}; formats alternate ABBA on
     one coordinator per rank count. ``factory(run_id, config, layout, n)`` makes the
-    coordinator actor (default: ``get_or_create``)."""
+    coordinator actor (default: the run's named actor, as ``longact-train`` makes it)."""
     import ray
 
-    from longact.distributed.coordinator import get_or_create
-
-    factory = factory or get_or_create
+    factory = factory or _named_coordinator
     started = not ray.is_initialized()
     if started:
         # the rank actors unpickle bench.coordinator.RankGroup: the repo root must be

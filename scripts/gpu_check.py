@@ -94,6 +94,8 @@ def env() -> dict[str, str]:
     e = dict(os.environ)
     e.pop("RAY_ADDRESS", None)  # a fresh local cluster
     e.update(PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0", WANDB_MODE="offline")
+    if torch.cuda.is_available():
+        e["LONGACT_HF_ROLLOUT_GPU"] = "1"  # the hf rollout generates on the GPU too
     e.setdefault("PYTHONWARNINGS", "ignore")
     return e
 

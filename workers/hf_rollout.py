@@ -29,6 +29,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SERVER_PREFIX = "hf_server_"
+GPU_ENV = "LONGACT_HF_ROLLOUT_GPU"  # "1": the server generates on the node's GPU
 MAX_BATCH = 64
 BATCH_WINDOW_S = 0.01
 
@@ -278,9 +279,15 @@ def _replica_class():
                 )
             suffix = "reward_" if self.is_reward_model else ""
             name = f"{SERVER_PREFIX}{suffix}{self.replica_rank}_0{self.name_suffix}"
+            opts = {"name": name, "num_cpus": 0, "max_concurrency": self.max_concurrency}
+            if os.environ.get(GPU_ENV) == "1":
+                # generate on the node's GPU, shared with the colocated training rank: Ray
+                # hides every GPU from an actor that asks for none, unless told not to
+                noset = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+                opts["runtime_env"] = {"env_vars": noset}
             server = (
                 ray.remote(HFRolloutServer)
-                .options(name=name, num_cpus=0, max_concurrency=self.max_concurrency)
+                .options(**opts)
                 .remote(
                     config=self.config,
                     model_config=self.model_config,
