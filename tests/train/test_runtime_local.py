@@ -68,7 +68,10 @@ def test_async_refresh_installs_masks_one_step_later(tmp_path):
         assert ("longact/rank_refresh_s" in rt.pop_metrics()) == (step > 1)
     # step 1 trains every row (version 0); version v is installed at step v + 1
     assert versions == [0, 1, 2, 3]
-    assert coord.version == 4  # step 4's refresh is in flight ...
+    step, _, handle = rt._inflight  # step 4's refresh is in flight, on its thread ...
+    assert step == 4 and rt.version == 3
+    handle.result(timeout=60)  # (let the thread finish: the coordinator publishes v4)
+    assert coord.version == 4
     rt.save(str(tmp_path))  # ... and a checkpoint installs it first
     assert rt.version == 4
     state = torch.load(state_path(tmp_path, 0), weights_only=False)
