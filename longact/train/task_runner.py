@@ -28,18 +28,21 @@ class LongActInactive(RuntimeError):
     """longact.enable=true, but the training ranks are not running LongAct."""
 
 
-def check_ranks_started(ping: dict[str, Any], expected: int, run_id: str) -> None:
-    """Raise unless ``expected`` training ranks attached to the coordinator."""
-    attached = ping["attached"]
-    if len(attached) == expected:
+def check_ranks_started(ping: dict[str, Any], run_id: str) -> None:
+    """Raise unless every training rank attached to the coordinator. The ranks that did
+    attach report the world size of the training group (torch.distributed's own), so a
+    partial start is caught as well as none at all."""
+    attached, world = ping["attached"], ping["world_size"]
+    if world is not None and len(attached) == world:
         return
-    missing = sorted(set(range(expected)) - set(attached))
+    missing = "all" if world is None else sorted(set(range(world)) - set(attached))
     raise LongActInactive(
-        f"LongAct run {run_id}: longact.enable=true, but {len(attached)} of {expected} "
-        f"training ranks started LongAct (missing: {missing}). Their workers did not load "
-        "LongAct's verl plugin (is longact installed in the workers' image? run "
-        "`longact doctor` there), or verl chose an engine LongAct does not extend "
-        "(it extends FSDP2 on NVIDIA GPUs and on the CPU). Nothing was trained."
+        f"LongAct run {run_id}: longact.enable=true, but {len(attached)} of "
+        f"{'the' if world is None else world} training ranks started LongAct (missing: "
+        f"{missing}). Their workers did not load LongAct's verl plugin (is longact installed "
+        "in the workers' image? run `longact doctor` there), or verl chose an engine "
+        "LongAct does not extend (it extends FSDP2 on NVIDIA GPUs and on the CPU). "
+        "Nothing was trained."
     )
 
 
@@ -73,8 +76,7 @@ def task_runner_class(longact: LongActConfig):
 
         def init_agent_loop_manager(self):
             # verl calls this after its workers (and so every engine) are built
-            expected = int(self.config.trainer.n_gpus_per_node) * int(self.config.trainer.nnodes)
-            check_ranks_started(self._ping(), expected, longact.run_id)
+            check_ranks_started(self._ping(), longact.run_id)
             super().init_agent_loop_manager()
             self._watch_first_step()
 

@@ -8,13 +8,13 @@ from longact.train.task_runner import LongActInactive, check_first_step, check_r
 
 
 def test_every_rank_must_have_started_longact():
-    check_ranks_started({"attached": [0, 1, 2, 3]}, 4, "r")
-    with pytest.raises(LongActInactive, match=r"run r: .* 0 of 4 training ranks .*\[0, 1, 2, 3\]"):
-        check_ranks_started({"attached": []}, 4, "r")
+    check_ranks_started({"attached": [0, 1, 2, 3], "world_size": 4}, "r")
+    with pytest.raises(LongActInactive, match=r"run r: .* 0 of the training ranks .*missing: all"):
+        check_ranks_started({"attached": [], "world_size": None}, "r")
     with pytest.raises(
         LongActInactive, match=r"3 of 4 training ranks started LongAct \(missing: \[2\]\)"
     ):
-        check_ranks_started({"attached": [0, 1, 3]}, 4, "r")
+        check_ranks_started({"attached": [0, 1, 3], "world_size": 4}, "r")
 
 
 def test_step_one_must_have_published_masks():
