@@ -142,9 +142,8 @@ class LongActConfig:
         from longact.core.masks import GRANULARITIES, POLICIES, SCORES
 
         r = self.ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or math.isnan(r):
-            raise ConfigError(f"longact.ratio={r!r} is outside (0, 1]")
-        if not (0.0 < r <= 1.0):
+        number = isinstance(r, (int, float)) and not isinstance(r, bool) and not math.isnan(r)
+        if not number or not (0.0 < r <= 1.0):
             raise ConfigError(f"longact.ratio={r!r} is outside (0, 1]")
         for name, reg, value in (
             ("policy", POLICIES, self.policy),

@@ -66,7 +66,8 @@ from longact.core.capture import QKCapture
 from longact.core.masks import MaskSet
 from longact.core.sparse_update import RowMaskGuard
 from longact.distributed.client import CoordinatorLost, RefreshError, make_client
-from longact.distributed.coordinator import SaliencyCoordinator, payload_fields, stats_payload
+from longact.distributed.coordinator import SaliencyCoordinator
+from longact.distributed.wire import payload_fields, stats_payload
 
 STATE_FILE = "longact_state_rank{rank}.pt"
 LEGACY_STATE_FILE = "longact_state.pt"  # rank 0 only, before per-rank files
