@@ -85,14 +85,15 @@ def command(data: dict, run_dir: Path, arm: str, steps: int, extra: list[str]) -
 
 def run_env() -> dict[str, str]:
     e = {"PYTHONWARNINGS": "ignore", "RAY_DEDUP_LOGS": "0", "WANDB_MODE": "offline"}
+    e["LONGACT_CONSOLE"] = "full"  # the metrics are read from verl's console lines
     os.environ.pop("RAY_ADDRESS", None)  # always a fresh local cluster
     return e
 
 
 def one_run(data: dict, run_dir: Path, arm: str, steps: int, extra: list[str], log=print) -> dict:
     """Run the trainer once; {step: {metric: value}} plus wall time."""
-    from longact.demo.logs import parse_step_metrics
     from longact.demo.runner import stream
+    from longact.train.logs import parse_step_metrics
 
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics: dict[int, dict[str, float]] = {}

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from longact.demo.logs import parse_step_metrics
+from longact.train.logs import parse_step_metrics
 from longact.train.runtime import state_path
 
 QK = ("self_attn.q_proj.weight", "self_attn.k_proj.weight")
@@ -94,6 +94,7 @@ def env() -> dict[str, str]:
     e = dict(os.environ)
     e.pop("RAY_ADDRESS", None)  # a fresh local cluster
     e.update(PYTHONUNBUFFERED="1", RAY_DEDUP_LOGS="0", WANDB_MODE="offline")
+    e["LONGACT_CONSOLE"] = "full"  # verl's metric lines, read below
     if torch.cuda.is_available():
         e["LONGACT_HF_ROLLOUT_GPU"] = "1"  # the hf rollout generates on the GPU too
     e.setdefault("PYTHONWARNINGS", "ignore")

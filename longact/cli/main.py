@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # module name under longact.cli -> registers one or more sub-commands
-COMMAND_MODULES = ["tiny_model", "doctor", "data", "eval", "submit", "inspect"]
+COMMAND_MODULES = ["tiny_model", "doctor", "data", "warmup", "eval", "submit", "inspect"]
 
 
 class UsageError(Exception):
@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from longact.train.console import quiet_known_noise
+
+    quiet_known_noise()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)

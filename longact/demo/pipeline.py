@@ -28,8 +28,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from longact.demo.logs import parse_step_metrics
 from longact.demo.runner import Stages, bin_path, stream
+from longact.train.logs import parse_step_metrics
 
 
 def load_config(overrides: list[str]) -> dict:
@@ -73,49 +73,15 @@ def stage_data(cfg: dict, model_dir: Path, out: Path) -> dict:
     return {"sft_rows": len(sft), "rl_train_rows": rl["train_samples"]}
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _sft_command(cfg: dict, model_dir: Path, data: Path, ckpt: Path) -> list[str]:
-    sft = cfg["sft"]
-    cfg_dir = resources.files("longact.hydra_configs")
-    return [
-        sys.executable, "-m", "torch.distributed.run",
-        f"--nproc_per_node={sft['ranks']}", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}",
-        "-m", "verl.trainer.sft_trainer",
-        f"--config-path={cfg_dir}", "--config-name=sft_warmup_cpu",
-        "hydra.searchpath=[pkg://verl.trainer.config]",
-        f"model.path={model_dir}", f"data.train_files={data}",
-        f"trainer.default_local_dir={ckpt}", f"trainer.n_gpus_per_node={sft['ranks']}",
-        f"trainer.total_training_steps={sft['steps']}", "trainer.total_epochs=100",
-        f"trainer.save_freq={sft['steps']}",
-        *sft["overrides"],
-    ]  # fmt: skip
-
-
 def stage_sft(cfg: dict, model_dir: Path, data: Path, out: Path) -> dict:
-    steps = cfg["sft"]["steps"]
-    losses: dict[int, float] = {}
+    from longact.train.warmup import warmup
 
-    def progress(line: str) -> None:
-        for step, m in parse_step_metrics(line).items():
-            if "train/loss" in m:
-                losses[step] = m["train/loss"]
-                if step % 25 == 0 or step == steps:
-                    _say(f"  sft step {step}/{steps}  loss {m['train/loss']:.3f}")
-
-    stream(_sft_command(cfg, model_dir, data, out / "ckpt"), out / "sft.log", progress)
+    sft = cfg["sft"]
+    hf, losses = warmup(
+        model_dir, data, out, sft["steps"], sft["ranks"], sft["overrides"], log=_say
+    )
     (out / "loss.json").write_text(json.dumps(losses))
-    hf = f"ckpt/global_step_{steps}/huggingface"
-    if not (out / hf / "model.safetensors").is_file():
-        raise RuntimeError(f"the warm-up wrote no loadable model at {out / hf}")
-    return {"model": hf}
+    return {"model": str(hf.relative_to(out))}
 
 
 def stage_eval(cfg: dict, model_dir: Path, out: Path) -> dict:

@@ -75,6 +75,7 @@ def stream(
     """Run ``cmd``, teeing its output to ``log_path`` and feeding lines to ``on_line``."""
     full_env = {**os.environ, **(env or {})}
     full_env.setdefault("PYTHONWARNINGS", "ignore")
+    full_env.setdefault("LONGACT_CONSOLE", "full")  # on_line reads verl's own metric lines
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             cmd,

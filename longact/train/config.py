@@ -264,6 +264,14 @@ def prepare_config(config: DictConfig) -> DictConfig:
         _absolute_paths(config)
         longact = LongActConfig.from_dict(OmegaConf.to_container(config.longact, resolve=True))
     _check_files(config, longact, address)
+    from longact.train.sampling import install
+
+    bounded = install(config)
+    if bounded is not None:
+        _say(
+            f"DAPO dynamic sampling: at most {bounded.max_num_gen_batches} generation rounds "
+            "per step (algorithm.filter_groups.max_num_gen_batches), then a clear error"
+        )
     with open_dict(config):
         if not config.longact.get("run_id"):
             # names this run's saliency coordinator (a Ray actor) on a shared cluster

@@ -14,8 +14,10 @@ before Ray or any worker starts, then handed to verl's ``run_ppo``;
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -23,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from longact.config import CONFIG_ENV, LongActConfig, register_schema
 from longact.train.config import ConfigError, available_recipes, prepare_config
+from longact.train.console import QUIET_WARNINGS, RunConsole, quiet_known_noise
+from longact.train.sampling import DynamicSamplingExhausted
 from longact.train.task_runner import task_runner_class
 
 register_schema()  # the `longact:` section of every recipe (hydra_configs/longact_trainer.yaml)
@@ -79,6 +83,7 @@ def run(config: DictConfig) -> None:
     exported = {CONFIG_ENV: longact_yaml}
     if config.trainer.get("device") == "cpu":  # ask for the CPU platform explicitly
         exported["VERL_PLATFORM"] = "cpu"
+    exported.update(quiet_env(config))
     os.environ.update(exported)
     with open_dict(config):
         runtime_env = config.ray_kwargs.ray_init.runtime_env
@@ -98,19 +103,55 @@ def run(config: DictConfig) -> None:
             hint = f"model path {path!r} is not a local directory, so it was taken as a hub id: "
         raise ConfigError(f"{hint}{type(e).__name__}: {e}") from e
     runner = task_runner_class(longact) if longact.enable else TaskRunnerV1  # stock verl
-    run_ppo(config, task_runner_class=runner)
+    try:
+        run_ppo(config, task_runner_class=runner)
+    except DynamicSamplingExhausted as e:  # Ray re-raises it as a subclass of the cause
+        traceback.print_exc()  # to the run's log; the console shows one line
+        raise RunError(str(getattr(e, "cause", None) or e).strip().splitlines()[-1]) from e
+
+
+class RunError(RuntimeError):
+    """The run stopped for a reason the user can act on: one line, no traceback."""
+
+
+def quiet_env(config: DictConfig) -> dict[str, str]:
+    """Environment for every process of the run: known-noise filters, and on a CPU host
+    the transfer queue's torch threads sized to the cores this machine has."""
+    env = {}
+    filters = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    env["PYTHONWARNINGS"] = ",".join(filters + [q for q in QUIET_WARNINGS if q not in filters])
+    if config.trainer.get("device") == "cpu" and "TQ_NUM_THREADS" not in os.environ:
+        import psutil
+
+        env["TQ_NUM_THREADS"] = str(max(1, min(8, psutil.cpu_count(logical=False) or 1)))
+    return env
 
 
 @hydra.main(config_path="pkg://longact.recipes", config_name="grpo", version_base=None)
 def _hydra_main(config: DictConfig) -> None:
     try:
-        run(config)
+        with _console(config):
+            run(config)
     except ConfigError as e:  # Hydra would print a traceback: one clear line instead
         print(f"longact-train: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunError as e:
+        print(f"longact-train: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _console(config: DictConfig):
+    """The run's console: a line per step, the rest in Hydra's output folder."""
+    if not RunConsole.enabled():
+        return contextlib.nullcontext()
+    from hydra.core.hydra_config import HydraConfig
+
+    log = Path(HydraConfig.get().runtime.output_dir) / "train.log"
+    return RunConsole(log, config.trainer.get("total_training_steps"))
 
 
 def main() -> None:
+    quiet_known_noise()  # this process imports verl too
     try:
         sys.argv = [sys.argv[0], *hydra_argv(sys.argv[1:])]
     except ConfigError as e:

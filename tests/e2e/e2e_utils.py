@@ -37,12 +37,19 @@ def env() -> dict[str, str]:
     e["RAY_DEDUP_LOGS"] = "0"
     e["PYTHONUNBUFFERED"] = "1"  # metric lines reach the log as they are printed
     e["WANDB_MODE"] = "offline"
+    e["LONGACT_CONSOLE"] = "full"  # verl's own console lines, parsed below (default: compact)
     e.pop("RAY_ADDRESS", None)  # always a fresh local cluster
     return e
 
 
-def run(cmd: list[str], log: Path, timeout: int = 600, extra_env: dict | None = None) -> str:
-    """Run a trainer command; on failure show the end of its log."""
+def run(
+    cmd: list[str],
+    log: Path,
+    timeout: int = 600,
+    extra_env: dict | None = None,
+    expect_rc: int = 0,
+) -> str:
+    """Run a trainer command; on an unexpected exit code show the end of its log."""
     with open(log, "w") as f:
         proc = subprocess.run(
             cmd,
@@ -52,14 +59,14 @@ def run(cmd: list[str], log: Path, timeout: int = 600, extra_env: dict | None = 
             timeout=timeout,
         )
     text = log.read_text(errors="replace")
-    if proc.returncode != 0:
+    if proc.returncode != expect_rc:
         pytest.fail(f"{' '.join(cmd[:3])} exited {proc.returncode}; log tail:\n{text[-6000:]}")
     return text
 
 
 def step_metrics(log_text: str) -> dict[int, dict[str, float]]:
     """verl's console logger lines ``step:N - key:value - ...`` -> {N: {key: value}}."""
-    from longact.demo.logs import parse_step_metrics
+    from longact.train.logs import parse_step_metrics
 
     return parse_step_metrics(log_text)
 

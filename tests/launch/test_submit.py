@@ -15,6 +15,7 @@ only, token authentication) takes:
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -81,11 +82,12 @@ def test_submit_grpo_cpu_to_existing_cluster(ray_cluster, submit_env, tiny_run):
     assert "SUCCEEDED" in out
     # the driver runs on the head (no GPU) and validated the run against the cluster
     assert "cluster 127.0.0.1:" in out and "declares 2 GPUs; the run asks for 2" in out
-    assert "step:2" in out, out[-8000:]
+    # longact-train's compact console in the job's log: a line per step, LongAct's mask
+    # version in it (LongAct's metrics reached verl's trainer)
+    assert re.search(r"^step 2/2 .*mask v\d", out, flags=re.M), out[-8000:]
     assert (run["ckpt"] / "global_step_2").is_dir(), sorted(run["ckpt"].glob("*"))
     # LongAct (on by default) engaged in the cluster's workers: its section reached them
     # through the job's runtime_env, not through the submitting shell's environment
-    assert "actor/longact/step:2" in out, "LongAct metrics missing from the job's log"
     for rank in (0, 1):  # every rank writes its own state beside its own shard
         actor = run["ckpt"] / "global_step_2" / "actor"
         assert (actor / f"longact_state_rank{rank}.pt").is_file()

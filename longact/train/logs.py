@@ -1,4 +1,5 @@
-"""Reading verl's console logger: ``step:N - key:value - key:value ...`` lines."""
+"""Reading verl's console logger: ``step:N - key:value - key:value ...`` lines (its
+format in the pinned verl; the demo, the benchmarks and longact-train's console read it)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,87 @@
+"""``longact doctor OVERRIDES``: a run checked before it starts, without Ray."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from longact.cli.main import main
+
+
+@pytest.fixture(scope="module")
+def run_files(tiny_xxs, tmp_path_factory):
+    from longact.data.tasks import make_dataset, write_parquet
+
+    out = tmp_path_factory.mktemp("doctor")
+    rows = make_dataset("niah_single", tiny_xxs, length=96, n=6, seed=0)
+    data = write_parquet(rows, out / "train.parquet")
+    bad = out / "notes.parquet"
+    bad.write_text("not parquet")
+    return {"model": tiny_xxs, "data": data, "bad": bad}
+
+
+def _args(f, *extra):
+    return [
+        "doctor",
+        "recipe=dapo_cpu",
+        f"actor_rollout_ref.model.path={f['model']}",
+        f"data.train_files={f['data']}",
+        f"data.val_files={f['data']}",
+        *extra,
+    ]
+
+
+def test_dapo_recipe_is_quiet_once_longact_bounds_sampling(run_files, capsys):
+    import ray
+
+    t0 = time.time()
+    assert main(_args(run_files)) == 0
+    out = capsys.readouterr().out
+    assert time.time() - t0 < 60
+    assert not ray.is_initialized()  # composed and checked without starting Ray
+    for line in (
+        "recipe     dapo_cpu",
+        "verl v1 (sync), device=cpu, 1 node(s) x 2 rank(s)",
+        "rollout    hf, n=8",
+        "DAPO filter on 'acc', at most 4 rounds/step (enforced by LongAct)",
+        "longact    on: ratio=0.3 policy=topk",
+        "LongAct adapter 'qwen3'",
+        "(6 rows)",
+        "no ignored settings, no problems found",
+    ):
+        assert line in out, (line, out)
+    assert "max_num_gen_batches" not in out.split("algorithm")[0]
+    assert "no effect" not in out
+
+
+def test_flags_max_num_gen_batches_where_longact_does_not_enforce_it(run_files, capsys):
+    args = _args(
+        run_files,
+        "trainer.v1.sampler.custom_sampler.path=/elsewhere/mine.py",
+        "trainer.v1.sampler.custom_sampler.name=Mine",
+    )
+    assert main(args) == 0  # a warning, not a problem
+    out = capsys.readouterr().out
+    assert (
+        "no effect  algorithm.filter_groups.max_num_gen_batches=4: ignored by verl's v1 "
+        "trainer (a custom sampler is configured)"
+    ) in out, out
+
+
+def test_keys_without_effect(run_files, capsys):
+    assert main(_args(run_files, "longact.enable=false", "longact.ratio=0.2")) == 0
+    out = capsys.readouterr().out
+    assert "no effect  longact.ratio: longact.enable=false (plain RL)" in out, out
+    assert main(_args(run_files, "longact.seed=3")) == 0
+    assert "longact.seed=3: only the `random` policy draws" in capsys.readouterr().out
+
+
+def test_unreadable_inputs_are_problems(run_files, tmp_path, capsys):
+    args = _args(run_files, f"data.val_files={run_files['bad']}", "longact.ratio=1.5")
+    assert main(args) == 1
+    out = capsys.readouterr().out
+    assert f"PROBLEM    data.val_files: cannot read {run_files['bad']} as parquet" in out
+    assert "PROBLEM    longact.ratio=1.5 is outside (0, 1]" in out, out
+    assert main(_args(run_files, f"actor_rollout_ref.model.path={tmp_path / 'none'}")) == 1
+    assert "does not exist" in capsys.readouterr().out
