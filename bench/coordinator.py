@@ -62,9 +62,9 @@ def fake_stats(layout: QKLayout, rank: int, tokens: int = 32768) -> QKStats:
         mean = torch.rand(c, generator=g, dtype=torch.float64) + 0.1
         entries[key] = ChannelStats(
             torch.tensor(float(tokens), dtype=torch.float64),
-            mean * tokens,
-            mean.square() * 1.5 * tokens,
-            mean * 4,
+            sum_abs=mean * tokens,
+            sum_sq=mean.square() * 1.5 * tokens,
+            max_abs=mean * 4,
         )
     return QKStats(entries)
 

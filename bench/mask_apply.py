@@ -1,28 +1,37 @@
-"""Figure 3: cost of exact sparse updates at Qwen3-8B q/k sizes (CPU, or CUDA).
+"""Figure 3: cost of exact sparse updates at Qwen3-8B q/k sizes, old path vs new (CPU, or CUDA).
 
 A module with ``layers`` decoder layers holding only W_Q (4096 x 4096) and W_K
-(1024 x 4096), fp32, with gradients and a warmed-up ``torch.optim.AdamW`` (foreach), and a
-``RowMaskGuard`` with a random 30 % row mask. Two arms, alternating (ABBA):
+(1024 x 4096), fp32, with gradients and a warmed-up ``torch.optim.AdamW`` (foreach,
+weight decay 0.01), and a random 30 % row mask. Three arms on the same model and
+optimizer, alternating (ABBA):
 
-- ``guarded``: ``guard.mask_grads()`` then ``with guard.protect(opt): opt.step()``, with the
-  three parts timed separately (mask_grads; snapshot = entering ``protect``; restore =
-  leaving it) and the step inside;
+- ``snapshot`` (the old path, now the fallback for other optimizers):
+  ``guard.mask_grads()`` then ``with guard.protect(): opt.step()`` with
+  ``RowMaskGuard(exact_path="snapshot")``; parts timed: mask_grads, snapshot (entering
+  ``protect``), the step, restore (leaving it);
+- ``masked`` (the new path, chosen automatically for AdamW): the same calls; the step
+  includes the pre-step hook that applies the weight decay to trainable rows only (it
+  replaces the decay AdamW would apply itself), timed on its own as ``hook``;
 - ``plain``: ``opt.step()`` alone.
 
-Reported: median times, LongAct's share (mask + snapshot + restore) over the AdamW step,
-and per-step times scaled linearly to Qwen3-8B's 36 layers (every op is per-parameter
-elementwise or row-indexed, so time is linear in layers). The full 36 layers would need
-~12 GB for params, grads and AdamW states plus ~7 GB of snapshot, so 12 layers are run
-on the CPU; on a GPU (``device="cuda"``) all 36 fit, and every part is timed between
+Reported: median times, LongAct's optimizer-side share of the AdamW step (snapshot:
+mask + snapshot + restore; masked: mask + enter + exit + hook minus the decay AdamW skips
+because the hook applies it, ``torch._foreach_mul_`` over the same params timed in the
+plain arm; and, end to end, the guarded step over the plain step, median of back-to-back
+pairs, which is noisier: it is the difference of two ~1 s numbers), the bytes each path
+keeps between steps, and per-step times scaled linearly to Qwen3-8B's
+36 layers (every op is per-parameter elementwise or row-indexed). The full 36 layers would
+need ~12 GB for params, grads and AdamW states plus ~7 GB of snapshot, so 12 layers are
+run on the CPU; on a GPU (``device="cuda"``) all 36 fit, and every part is timed between
 device synchronizes.
 
-Before/after of one speed choice: the ``guarded_fresh`` arm (CPU only) is the same step
-with ``RowMaskGuard(reuse_buffers=False)``, i.e. a fresh snapshot allocation per step,
-as LongAct did before it kept the snapshot buffers between steps on the CPU.
+Standalone: ``python -m bench.mask_apply --quick`` (2 layers at full width, a few
+seconds) or ``python -m bench.mask_apply`` (12 layers, as ``make bench``).
 """
 
 from __future__ import annotations
 
+import argparse
 import time
 from typing import Any
 
@@ -34,8 +43,10 @@ from bench.common import (
     device_label,
     figure,
     fmt_s,
+    goal,
     human_bytes,
     paired_ratios,
+    render,
     rss_bytes,
     summarize,
     sync,
@@ -45,6 +56,7 @@ from longact.core.masks import build_masks
 from longact.core.sparse_update import RowMaskGuard
 
 TARGET_LAYERS = 36  # Qwen3-8B
+ARMS = ("snapshot", "masked", "plain")
 
 
 class _Attn(nn.Module):
@@ -90,10 +102,13 @@ def setup(
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
     opt.step()  # create the AdamW state: steady-state steps from here on
     masks = build_masks(None, layout, ratio=ratio, policy="random", seed=0)
+    ad = get_adapter("qwen3")
     guards = {
-        "guarded": RowMaskGuard(model, masks, get_adapter("qwen3")),
-        "guarded_fresh": RowMaskGuard(model, masks, get_adapter("qwen3"), reuse_buffers=False),
+        "snapshot": RowMaskGuard(model, masks, ad, optimizer=opt, exact_path="snapshot"),
+        "masked": RowMaskGuard(model, masks, ad, optimizer=opt),  # auto: AdamW qualifies
     }
+    assert guards["masked"].path == "masked", guards["masked"].path_reason
+    guards["masked"].mask_grads()  # every arm steps the same (masked) gradients
     return model, opt, guards
 
 
@@ -105,34 +120,62 @@ def guarded_step(
     guard.mask_grads()
     sync(device)
     t1 = time.perf_counter()
-    ctx = guard.protect(opt)
-    ctx.__enter__()  # snapshot of frozen rows (params + AdamW state)
+    ctx = guard.protect()
+    ctx.__enter__()  # snapshot path: copy the frozen rows (params + AdamW state)
     sync(device)
     t2 = time.perf_counter()
     try:
-        opt.step()
+        opt.step()  # masked path: the pre-step hook applies the weight decay
         sync(device)
         t3 = time.perf_counter()
     finally:
-        ctx.__exit__(None, None, None)  # restore
+        ctx.__exit__(None, None, None)  # snapshot path: restore
     sync(device)
     t4 = time.perf_counter()
     parts = {
         "mask_grads": t1 - t0,
-        "snapshot": t2 - t1,
-        "adamw_in_guard": t3 - t2,
-        "restore": t4 - t3,
-        "guarded_total": t4 - t0,
+        "enter": t2 - t1,
+        "step": t3 - t2,
+        "hook": guard.hook_s,
+        "exit": t4 - t3,
+        "total": t4 - t0,
     }
-    return {prefix + k: v for k, v in parts.items()}
+    return {f"{prefix}_{k}": v for k, v in parts.items()}
 
 
 def plain_step(opt: torch.optim.Optimizer, device: str = "cpu") -> dict[str, float]:
+    """The plain step, then (timed apart) the decay AdamW applies inside it, the op the
+    masked path's hook takes over: ``torch._foreach_mul_(params, 1 - lr * wd)``."""
     sync(device)
     t0 = time.perf_counter()
     opt.step()
     sync(device)
-    return {"plain_adamw": time.perf_counter() - t0}
+    t1 = time.perf_counter()
+    group = opt.param_groups[0]
+    params = [p for p in group["params"] if p.grad is not None]
+    with torch.no_grad():
+        torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+    sync(device)
+    return {"plain_adamw": t1 - t0, "plain_decay": time.perf_counter() - t1}
+
+
+ROWS = [  # (key, label)
+    ("snapshot_mask_grads", "old (snapshot): mask_grads (zero frozen grad rows)"),
+    ("snapshot_enter", "old: protect enter = snapshot frozen rows"),
+    ("snapshot_exit", "old: protect exit = restore frozen rows"),
+    ("snapshot_longact", "old: LongAct total (mask + snapshot + restore)"),
+    ("snapshot_step", "old: AdamW step inside protect"),
+    ("snapshot_total", "old: guarded step total"),
+    ("masked_mask_grads", "new (masked): mask_grads"),
+    ("masked_enter", "new: protect enter"),
+    ("masked_hook", "new: step hook (weight decay on trainable rows, inside the step)"),
+    ("masked_exit", "new: protect exit"),
+    ("masked_step", "new: AdamW step inside protect (hook included)"),
+    ("masked_total", "new: guarded step total"),
+    ("masked_longact", "new: LongAct total (mask + enter + exit + hook - AdamW's own decay)"),
+    ("plain_adamw", "AdamW step alone (plain arm)"),
+    ("plain_decay", "AdamW's own weight decay (its foreach multiply, timed apart)"),
+]
 
 
 def run(
@@ -151,7 +194,6 @@ def run(
     t_setup = time.perf_counter()
     model, opt, guards = setup(layers, hidden, heads, kv_heads, head_dim, ratio, device)
     cpu = not str(device).startswith("cuda")
-    arms = ["guarded", "guarded_fresh", "plain"] if cpu else ["guarded", "plain"]
     n_params = sum(p.numel() for p in model.parameters())
     log(
         f"  {layers} layers, {n_params / 1e6:.0f}M q/k params on {device}, setup "
@@ -161,92 +203,92 @@ def run(
     def one(arm: str) -> dict[str, float]:
         if arm == "plain":
             return plain_step(opt, device)
-        return guarded_step(opt, guards[arm], device, "" if arm == "guarded" else "fresh_")
+        return guarded_step(opt, guards[arm], device, arm)
 
-    for arm in arms:  # warm-up of every arm
+    for arm in ARMS:  # warm-up of every arm
         one(arm)
     if not cpu:
         torch.cuda.reset_peak_memory_stats(device)
     samples: dict[str, list[float]] = {}
-    peak = rss_bytes()
-    for i, arm in enumerate(abba(arms, reps)):
+    for i, arm in enumerate(abba(ARMS, reps)):
         got = one(arm)
         for k, v in got.items():
             samples.setdefault(k, []).append(v)
-        peak = max(peak, rss_bytes())
-        log(
-            f"  [{i + 1}/{len(arms) * reps}] {arm}: "
-            + ", ".join(f"{k} {v:.3f}s" for k, v in got.items())
-        )
+        log(f"  [{i + 1}/{len(ARMS) * reps}] {arm}: {next(reversed(got.values())):.3f} s")
+    samples["snapshot_longact"] = [
+        sum(x) for x in zip(*(samples[f"snapshot_{n}"] for n in ("mask_grads", "enter", "exit")))
+    ]
+    # masked: what LongAct adds = mask_grads + enter + exit + hook - the decay AdamW skips
+    parts = (samples[f"masked_{n}"] for n in ("mask_grads", "enter", "exit", "hook"))
+    samples["masked_longact"] = [
+        sum(x) - d for x, d in zip(zip(*parts), samples["plain_decay"], strict=True)
+    ]
     s = {k: summarize(v) for k, v in samples.items()}
-
-    def overhead(prefix: str) -> list[float]:
-        parts = (samples[prefix + n] for n in ("mask_grads", "snapshot", "restore"))
-        return [sum(x) for x in zip(*parts)]
-
-    s["longact"] = summarize(overhead(""))
-    s["paired"] = summarize(paired_ratios(samples["guarded_total"], samples["plain_adamw"]))
-    if cpu:
-        s["fresh_longact"] = summarize(overhead("fresh_"))
-    scale = target_layers / layers
     adam = s["plain_adamw"]["median"]
-    share = s["longact"]["median"] / adam
+    paired = {a: paired_ratios(samples[f"{a}_total"], samples["plain_adamw"]) for a in ARMS[:2]}
+    for a in ARMS[:2]:
+        s[f"{a}_paired"] = summarize(paired[a])
+    share_old = s["snapshot_longact"]["median"] / adam
+    share_new = s["masked_longact"]["median"] / adam
+    share_e2e = s["masked_paired"]["median"] - 1.0  # (guarded - plain) / plain, paired
+    kept = {a: guards[a].extra_bytes() for a in ARMS[:2]}
+    # the hook's per-row decay columns (CUDA; fp32 on the CPU uses index_reduce_: none)
+    col_bytes = 0 if cpu else sum(t.param.shape[0] * 4 for t in guards["masked"].targets)
+    scale = target_layers / layers
     where = "CPU, fp32" if cpu else f"{device_label(device)}, fp32"
     fig = figure(
         "mask_apply",
-        f"3. Exact sparse update at Qwen3-8B q/k sizes ({where}, {layers} layers run"
+        f"3. Exact sparse update at Qwen3-8B q/k sizes, snapshot path vs masked path ({where}, "
+        f"{layers} layers run"
         + (f", scaled x{scale:g} to {target_layers})" if scale != 1 else ")"),
         ["part", f"measured, {layers} layers", f"scaled to {target_layers} layers", "vs AdamW"],
     )
-    rows = [
-        ("mask_grads", "mask_grads (zero frozen grad rows)"),
-        ("snapshot", "protect: snapshot frozen rows"),
-        ("restore", "protect: restore frozen rows"),
-        ("longact", "LongAct total (mask + snapshot + restore)"),
-        ("plain_adamw", "AdamW step alone (plain arm)"),
-        ("adamw_in_guard", "AdamW step inside protect (guarded arm)"),
-        ("guarded_total", "guarded arm total"),
-    ]
-    if cpu:
-        rows += [
-            ("fresh_snapshot", "before: snapshot into fresh memory (reuse_buffers=False)"),
-            ("fresh_restore", "before: restore (reuse_buffers=False)"),
-            ("fresh_longact", "before: LongAct total (reuse_buffers=False)"),
-            ("fresh_adamw_in_guard", "before: AdamW step inside protect"),
-        ]
-    for key, label in rows:
+    for key, label in ROWS:
         med = s[key]["median"]
         fig["rows"].append(
             [label, fmt_s(s[key]), f"{med * scale:.3f} s", f"{100 * med / adam:.1f} %"]
         )
-    fig["goals"] = []  # no target was set for this figure
+    fig["rows"] += [
+        ["old: LongAct's share of the AdamW step", f"{100 * share_old:.1f} %", "", ""],
+        ["new: LongAct's share (mask + enter + exit + hook - AdamW's own decay)",
+         f"{100 * share_new:.1f} %", "", ""],
+        ["new: guarded step / plain step - 1 (median of back-to-back pairs)",
+         f"{100 * share_e2e:.1f} %", "", ""],
+        ["old: bytes kept between steps (snapshot buffers)", human_bytes(kept["snapshot"]),
+         human_bytes(kept["snapshot"] * scale), f"{100 * kept['snapshot'] / (4 * n_params):.0f} "
+         "% of the fp32 q/k params"],
+        ["new: bytes kept between steps", human_bytes(kept["masked"]),
+         human_bytes(kept["masked"] * scale), "0 % (reentry='reset')"],
+        ["new: transient, during the step hook (decay columns)", human_bytes(col_bytes),
+         human_bytes(col_bytes * scale), ""],
+    ]  # fmt: skip
+    fig["goals"] = [
+        goal("masked path: LongAct's share of the AdamW step", share_new, 0.05, "{:.3f}")
+        if cpu
+        else goal("masked path: LongAct's share of the AdamW step (GPU)", share_new, 0.05),
+        goal("masked path: snapshot bytes kept", float(kept["masked"]), 0.0, "{:.0f}"),
+    ]
     fig["notes"] += [
         f"Ratio {ratio}: {100 * (1 - ratio):.0f} % of rows frozen (random mask); AdamW "
         "(foreach, weight_decay 0.01) with its state created before timing; arms in "
-        f"alternating order ({', '.join(arms)}), {reps} steps each after a warm-up.",
-        f"LongAct's own parts (mask + snapshot + restore) take {100 * share:.0f} % of the "
-        f"AdamW step time; whole guarded step / plain step: ratio of medians "
-        f"{s['guarded_total']['median'] / adam:.2f}, median of paired (back-to-back) ratios "
-        f"{s['paired']['median']:.2f} [{s['paired']['min']:.2f}-{s['paired']['max']:.2f}].",
-        "Under FSDP each rank does this on its 1/N row shard, so per-rank time divides by N.",
+        f"alternating order ({', '.join(ARMS)}), {reps} steps each after a warm-up.",
+        f"Old path (snapshot): mask + snapshot + restore take {100 * share_old:.0f} % of the "
+        f"AdamW step; guarded/plain paired ratios {s['snapshot_paired']['median']:.2f} "
+        f"[{s['snapshot_paired']['min']:.2f}-{s['snapshot_paired']['max']:.2f}].",
+        f"New path (masked): mask + enter + exit + hook - AdamW's own decay take "
+        f"{100 * share_new:.1f} % of the AdamW step (the hook's decay replaces AdamW's: "
+        "AdamW runs with weight_decay 0 in that step); guarded/plain paired ratios "
+        f"{s['masked_paired']['median']:.3f} [{s['masked_paired']['min']:.3f}-"
+        f"{s['masked_paired']['max']:.3f}].",
+        "Under FSDP each rank does this on its 1/N row shard, so per-rank time and bytes "
+        "divide by N.",
     ]
     if cpu:
-        before = s["fresh_longact"]["median"]
-        fig["notes"] += [
-            f"Speed choice, before -> after: keeping the snapshot buffers between steps "
-            f"(RowMaskGuard's CPU default) took LongAct's parts from {before:.3f} s "
-            f"({100 * before / adam:.0f} % of AdamW) to {s['longact']['median']:.3f} s "
-            f"({100 * share:.0f} %), same run, same steps. A fresh multi-GB allocation per "
-            "step is page-fault bound on this VM.",
-            f"RSS peak {human_bytes(peak)} for {layers} layers (params+grads+AdamW "
-            f"{human_bytes(n_params * 16)}, kept snapshot "
-            f"{human_bytes(n_params * 12 * (1 - ratio))}).",
-        ]
+        fig["notes"].append(f"RSS {human_bytes(rss_bytes())} at the end of the figure.")
     else:
-        peak_gpu = torch.cuda.max_memory_allocated(device)
         fig["notes"].append(
-            f"GPU memory peak {human_bytes(peak_gpu)} (params+grads+AdamW "
-            f"{human_bytes(n_params * 16)}, snapshot {human_bytes(n_params * 12 * (1 - ratio))})."
+            f"GPU memory peak {human_bytes(torch.cuda.max_memory_allocated(device))} "
+            f"(params+grads+AdamW {human_bytes(n_params * 16)})."
         )
     fig["raw"] = {
         "device": device_label(device),
@@ -255,7 +297,23 @@ def run(
         "n_params": n_params,
         "samples": samples,
         "summary": s,
-        "share_of_adamw": share,
-        "rss_peak": peak,
+        "share_of_adamw": {"snapshot": share_old, "masked": share_new, "masked_e2e": share_e2e},
+        "kept_bytes": kept,
+        "decay_column_bytes": col_bytes,
     }
     return fig
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2 layers at full width (seconds)")
+    p.add_argument("--layers", type=int, default=None, help="layers run (default 12)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    layers = args.layers or (2 if args.quick else 12)
+    print(render(run(layers=layers, reps=args.reps, device=args.device)))
+
+
+if __name__ == "__main__":
+    main()

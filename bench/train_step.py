@@ -10,7 +10,8 @@ update, with the calls verl's engine makes (``workers/fsdp_engine.py``):
 - ``runtime.before_step()``: a mask refresh (every step here, the most expensive
   setting) through an in-process coordinator for one rank, then zeroing the frozen rows'
   gradients;
-- ``with runtime.protect():`` gradient clipping and ``AdamW.step()``.
+- ``with runtime.protect():`` gradient clipping and ``AdamW.step()`` (AdamW takes the
+  masked exact path: nothing is copied, its weight decay is applied in a step hook).
 
 The LongAct-off arm runs the same forwards, backwards, clipping and step with no hooks.
 The model is wrapped per decoder layer with FSDP2 ``fully_shard`` (bf16 compute, fp32
@@ -203,9 +204,9 @@ def run(
     labels = {
         "fwd_bwd": "forward + backward (capture hooks when on)",
         "before_step": "refresh (coordinator round trip) + mask_grads",
-        "snapshot": "protect: snapshot frozen rows",
+        "snapshot": "protect: enter (snapshot path: copy frozen rows)",
         "clip_step": "clip + AdamW step",
-        "restore": "protect: restore frozen rows",
+        "restore": "protect: exit (snapshot path: restore frozen rows)",
         "total": "whole update step",
     }
 

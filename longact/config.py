@@ -61,7 +61,7 @@ class LongActConfig:
     policy: str = "topk"
     """topk (the method), bottomk or random (ablations), full (everything trainable)."""
     score: str = "mean_abs"
-    """Per-channel statistic ranking the channels: mean_abs, rms or max_abs."""
+    """Score ranking the channels (``longact.core.scores``): mean_abs, rms or max_abs."""
     granularity: str = "channel"
     """Unit of selection: channel, rope_pair or head."""
     capture_point: str = "proj"

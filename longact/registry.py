@@ -1,6 +1,6 @@
 """A tiny name -> object registry used for every pluggable choice in LongAct.
 
-Architectures, mask policies, scores, task generators and rewards are all looked up
+Architectures, mask policies, statistics, scores, task generators and rewards are looked up
 by a config string. A duplicate registration raises; an unknown name raises with the
 list of valid names, so a typo in a Hydra override fails with an actionable message.
 """
@@ -31,6 +31,11 @@ class Registry(Generic[T]):
         if name in self._items:
             raise ValueError(f"{self.kind} {name!r} is already registered")
         self._items[name] = obj
+
+    def remove(self, name: str) -> None:
+        """Undo ``add`` (temporary registrations, e.g. ``scores.scoped_registrations``)."""
+        self.get(name)  # an unknown name raises, listing the valid ones
+        del self._items[name]
 
     def get(self, name: str) -> T:
         try:

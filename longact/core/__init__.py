@@ -3,10 +3,13 @@
 No ray or verl imports here: the verl integration wires these pieces into its workers.
 
 - ``adapters``: where q_proj/k_proj (and q_norm/k_norm) live per HF ``model_type``.
+- ``scores``: the registries of statistics (accumulation, reduction) and the scores
+  over them: a new score is declared there, or registered from user code, in one place.
 - ``stats``: per-channel |x| statistics with exact merges and an EMA.
 - ``capture``: forward hooks that gather statistics from real tokens.
 - ``masks``: scores, policies and granularities that turn statistics into row masks.
 - ``sparse_update``: keeps rows outside the mask bit-identical through optimizer steps.
+- ``exact_update``: its snapshot-free path for torch's AdamW / Adam / SGD, and the rule.
 - ``sharding``: FSDP2 (DTensor ``Shard(0)``) local row ranges.
 """
 
@@ -21,6 +24,7 @@ from longact.core.adapters import (
     rope_pairs,
 )
 from longact.core.capture import QKCapture, capture_qk_stats
+from longact.core.exact_update import exact_path_for
 from longact.core.masks import (
     GRANULARITIES,
     POLICIES,
@@ -32,6 +36,7 @@ from longact.core.masks import (
     select_rows,
     validate_ratio,
 )
+from longact.core.scores import STATISTICS, fields_for, register_score, register_statistic
 from longact.core.sharding import local_row_range, local_tensor
 from longact.core.sparse_update import RowMaskGuard
 from longact.core.stats import ChannelStats, QKStats, ema, merge
@@ -41,6 +46,7 @@ __all__ = [
     "GRANULARITIES",
     "POLICIES",
     "SCORES",
+    "STATISTICS",
     "ArchAdapter",
     "ChannelStats",
     "LayerQK",
@@ -53,6 +59,8 @@ __all__ = [
     "build_masks",
     "capture_qk_stats",
     "ema",
+    "exact_path_for",
+    "fields_for",
     "get_adapter",
     "local_row_range",
     "local_tensor",
@@ -60,6 +68,8 @@ __all__ = [
     "merge",
     "n_keep",
     "normalize_param_name",
+    "register_score",
+    "register_statistic",
     "rope_pairs",
     "select_rows",
     "validate_ratio",

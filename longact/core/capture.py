@@ -8,9 +8,9 @@ Hooks are removed on exit; the capture object can also be kept attached for a wh
 training run (``attach()`` / ``detach()``), with ``take()`` returning and clearing the
 statistics at each mask refresh.
 
-``fields`` limits which statistics are accumulated (default: all): the training runtime
-asks only for what its score needs (``coordinator.payload_fields``), one reduction per
-hook call instead of three.
+``fields`` limits which statistics are held and accumulated (default: every registered
+one, ``longact.core.scores``): the training runtime asks only for what its score needs
+(``wire.payload_fields``), one reduction per hook call instead of three.
 
 Shapes: q_proj output (B, T, n_heads*head_dim); q_norm output (B, T, n_heads, head_dim)
 (Gemma3: (B, n_heads, T, head_dim), see ``ArchAdapter.norm_heads_first``), flattened to
@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from longact.core.adapters import ArchAdapter, Key, get_adapter
-from longact.core.stats import FIELDS, QKStats
+from longact.core.stats import Fields, QKStats
 
 POINTS = ("proj", "norm")
 
@@ -71,7 +71,7 @@ class QKCapture:
         point: str = "proj",
         token_mask: torch.Tensor | None = None,
         during_no_grad: bool = False,
-        fields: tuple[str, ...] = FIELDS,
+        fields: Fields = None,
     ):
         if point not in POINTS:
             raise ValueError(f"unknown capture point {point!r}; valid: {', '.join(POINTS)}")
@@ -79,7 +79,7 @@ class QKCapture:
         self.adapter = adapter or get_adapter(model)
         self.point = point
         self.during_no_grad = during_no_grad
-        self.fields = tuple(fields)  # statistics accumulated (count always)
+        self.fields = None if fields is None else tuple(fields)  # held statistics; None: all
         self.layout = self.adapter.layout(model)
         self.layers = self.adapter.layers(model)
         if point == "norm" and any(la.q_norm is None or la.k_norm is None for la in self.layers):
@@ -88,7 +88,7 @@ class QKCapture:
                 f"({self.adapter.model_type}) has none: use point='proj'"
             )
         self._device = next(self.layers[0].q_proj.parameters()).device
-        self.stats = QKStats.empty(self.layout.row_counts(), self._device)
+        self.stats = QKStats.empty(self.layout.row_counts(), self._device, self.fields)
         self._token_mask = token_mask
         self._pass_mask: torch.Tensor | None = None
         self._pass_active: bool | None = None  # None: not inside a top-level forward
@@ -113,7 +113,7 @@ class QKCapture:
     def take(self) -> QKStats:
         """Return the statistics gathered so far and start from zero."""
         out = self.stats
-        self.stats = QKStats.empty(self.layout.row_counts(), self._device)
+        self.stats = QKStats.empty(self.layout.row_counts(), self._device, self.fields)
         return out
 
     def pop_record_s(self) -> float:
@@ -202,7 +202,7 @@ class QKCapture:
         mask = self._token_mask if self._token_mask is not None else self._pass_mask
         if mask is not None:
             mask = self._fit_mask(mask, lead)  # (B, T) bool
-        self.stats.update(key, x, mask, self.fields)
+        self.stats.update(key, x, mask)
 
     @staticmethod
     def _fit_mask(mask: torch.Tensor, lead: torch.Size) -> torch.Tensor:

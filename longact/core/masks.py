@@ -4,9 +4,10 @@ A mask is one bool per output row (= output channel) of q_proj / k_proj per laye
 True = trainable. It is chosen per layer and per projection; K's mask is chosen over K's
 own channels (GQA: n_kv_heads*head_dim rows), never derived from Q's.
 
-Pipeline for one (layer, proj): channel scores (C,) from statistics (``SCORES``: mean_abs
-[default], rms, max_abs) -> pooled to units by the granularity (``GRANULARITIES``) ->
-a policy picks ``n_keep`` units (``POLICIES``) -> expanded back to a (C,) row mask.
+Pipeline for one (layer, proj): channel scores (C,) from statistics (``SCORES``, declared
+with the statistics they need in ``longact.core.scores``: mean_abs [default], rms,
+max_abs) -> pooled to units by the granularity (``GRANULARITIES``) -> a policy picks
+``n_keep`` units (``POLICIES``) -> expanded back to a (C,) row mask.
 
 * Granularity ``channel``: one unit per row. ``rope_pair``: rows ``h*D + j`` and
   ``h*D + j + D/2`` (rotate-half RoPE partners, D = head_dim) form one unit, score = mean
@@ -30,30 +31,13 @@ from typing import Any
 import torch
 
 from longact.core.adapters import Key, QKLayout, key_str, parse_key
-from longact.core.stats import ChannelStats, QKStats
+from longact.core.scores import SCORES
+from longact.core.stats import QKStats
 from longact.registry import Registry
 
-ScoreFn = Callable[[ChannelStats], torch.Tensor]  # stats -> (C,) float64
 PolicyFn = Callable[[torch.Tensor | None, int, int, torch.Generator], torch.Tensor]
 
-SCORES: Registry[ScoreFn] = Registry("score")
 POLICIES: Registry[PolicyFn] = Registry("mask policy")
-
-
-# ---- scores --------------------------------------------------------------------------
-@SCORES.register("mean_abs")
-def score_mean_abs(s: ChannelStats) -> torch.Tensor:
-    return s.mean_abs()
-
-
-@SCORES.register("rms")
-def score_rms(s: ChannelStats) -> torch.Tensor:
-    return s.rms()
-
-
-@SCORES.register("max_abs")
-def score_max_abs(s: ChannelStats) -> torch.Tensor:
-    return s.max_abs
 
 
 # ---- granularity ---------------------------------------------------------------------

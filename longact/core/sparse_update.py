@@ -8,19 +8,35 @@ the row. :class:`RowMaskGuard` makes a frozen row *bit-identical* through a step
 1. ``guard.mask_grads()`` zeroes the frozen rows of the W_Q/W_K (and bias) gradients.
    Call it after backward and BEFORE gradient clipping, so the clipping norm is the norm
    of the gradients that are actually applied.
-2. ``guard.step(optimizer)`` (or ``with guard.protect(optimizer): optimizer.step()``)
-   copies the frozen rows of each managed parameter and of its param-shaped optimizer
-   state (exp_avg, exp_avg_sq, momentum_buffer, ...) before the step and writes them back
-   after it. State created by this very step is zeroed on frozen rows (= its lazily
-   initialised value), so a frozen row never accumulates moments.
+2. ``guard.step(optimizer)`` (or ``with guard.protect(optimizer): optimizer.step()``, the
+   block may hold the clipping and may skip the step) keeps the frozen rows of each managed
+   parameter and of its optimizer state exact, in one of two ways, chosen once when the
+   guard first meets its optimizer (``optimizer=`` at construction, ``set_masks`` or
+   ``protect``), logged once and readable as ``guard.path`` / ``guard.path_reason``:
+
+   - ``"masked"`` (no copies; ``exact_update.py``): for exactly ``torch.optim.AdamW``,
+     ``Adam`` and ``SGD`` with the settings listed in ``exact_update.exact_path_for``, a
+     row whose gradient and optimizer state are zero is updated by exactly zero. Frozen
+     rows' state is kept at zero and weight decay is applied by a step hook to trainable
+     rows only, with the lr of that step.
+   - ``"snapshot"`` (any other optimizer, or ``exact_path="snapshot"``): the frozen rows
+     of each parameter and of its param-shaped state (exp_avg, exp_avg_sq,
+     momentum_buffer, ...) are copied before the step and written back after it. State
+     created by this very step is zeroed on frozen rows (= its lazily initialised value).
 
 Optimizer-state policy on a mask refresh (``set_masks(new, optimizer)``; our choice, the
-paper does not say): rows that LEAVE the mask keep their parameter values and their
-moments frozen as they were. Rows that ENTER the mask get their param-shaped state reset
-to zero (``reentry="reset"``, default) so moments from an old training period do not
-kick; ``reentry="keep"`` resumes from the frozen moments. Caveat either way: AdamW's step
-counter is per tensor, so a zero-moment row starts with the bias correction of a late
-step (first update about lr*(1-beta1)/sqrt(1-beta2), ~3x lr for default betas).
+paper does not say): rows that ENTER the mask get their param-shaped state reset to zero
+(``reentry="reset"``, default) so moments from an old training period do not kick;
+``reentry="keep"`` resumes from the moments the rows had when they left. Rows that LEAVE
+keep their parameter values; their moments stay frozen in the optimizer state (snapshot)
+or are set aside on the CPU, and zeroed in the optimizer state (masked, ``keep``; under
+``reset`` they are just zeroed). Both paths give the same parameters. Caveat either way:
+AdamW's step counter is per tensor, so a zero-moment row starts with the bias correction
+of a late step (first update about lr*(1-beta1)/sqrt(1-beta2), ~3x lr for default betas).
+After an optimizer state is loaded from a checkpoint, call
+``guard.optimizer_state_loaded(saved)`` (``saved`` = ``guard.state_dict()`` of that
+checkpoint, or None): on the masked path frozen rows' moments (snapshot-path and plain
+checkpoints carry some) are zeroed or set aside.
 
 FSDP2: parameters, grads and optimizer state are DTensors sharded ``Shard(0)``; each rank
 applies its own row slice of the mask to the local shard (see ``sharding.py``), with no
@@ -28,64 +44,34 @@ communication. Build the guard after ``fully_shard`` and outside forward/backwar
 it holds the sharded parameters. A full mask (every row trainable) touches nothing:
 results are bit-identical to plain training.
 
-Memory: ``protect`` copies the frozen local rows of each managed parameter and its
-param-shaped state for the duration of the step (AdamW fp32: 3 x frozen elements x 4 B).
-On the CPU (``reuse_buffers=None`` picks it there) those copies go into buffers kept
-between steps: a fresh multi-GB allocation per step is returned to the OS and page-faulted
-back every time, which made the snapshot cost as much as the AdamW step itself (see
-docs/bench). On CUDA the caching allocator already reuses the blocks, so nothing is kept.
+Memory: the masked path keeps nothing per step (a per-row decay column of rows x 4 B per
+W_Q/W_K parameter lives during the step hook). ``protect`` on the snapshot path copies
+the frozen local rows of each managed parameter and its param-shaped state for the
+duration of the step (AdamW fp32: 3 x frozen elements x 4 B). On the CPU
+(``reuse_buffers=None`` picks it there) those copies go into buffers kept between steps:
+a fresh multi-GB allocation per step is returned to the OS and page-faulted back every
+time, which made the snapshot cost as much as the AdamW step itself (see docs/bench). On
+CUDA the caching allocator already reuses the blocks, so nothing is kept.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from longact.core.adapters import ArchAdapter, ParamRef, get_adapter
+from longact.core.adapters import ArchAdapter, get_adapter
+from longact.core.exact_update import MaskedUpdate, _Target, exact_path_for, param_state
 from longact.core.masks import MaskSet
 from longact.core.sharding import local_row_range, local_tensor
 
 REENTRY = ("reset", "keep")
-
-
-@dataclass
-class _Target:
-    """One W_Q/W_K weight or q/k bias and this rank's view of its row mask."""
-
-    name: str
-    ref: ParamRef
-    param: nn.Parameter
-    start: int  # global rows [start, stop) held locally
-    stop: int
-    frozen: torch.Tensor  # (n_frozen_local,) long, local row indices, always on the CPU
-    _on: dict[torch.device, torch.Tensor] = field(default_factory=dict)  # device copies
-
-    def frozen_on(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``frozen`` on ``tensor``'s device (cached per device). Parameters, gradients
-        and optimizer state move between devices under verl's param / optimizer offload,
-        so the index follows the tensor it indexes at each use."""
-        dev = tensor.device
-        if dev.type == "cpu":
-            return self.frozen
-        idx = self._on.get(dev)
-        if idx is None:
-            idx = self._on[dev] = self.frozen.to(dev, non_blocking=True)
-        return idx
-
-
-def _state_tensors(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, Any]:
-    """Param-shaped tensors of the optimizer state of ``param`` (exp_avg, ...)."""
-    state = optimizer.state.get(param) or {}
-    return {
-        k: v
-        for k, v in state.items()
-        if torch.is_tensor(v) and tuple(v.shape) == tuple(param.shape)
-    }
+EXACT_PATHS = ("auto", "masked", "snapshot")
+log = logging.getLogger(__name__)
 
 
 class RowMaskGuard:
@@ -98,16 +84,21 @@ class RowMaskGuard:
         adapter: ArchAdapter | None = None,
         reentry: str = "reset",
         reuse_buffers: bool | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        exact_path: str = "auto",
     ):
         if reentry not in REENTRY:
             raise ValueError(f"unknown reentry policy {reentry!r}; valid: {', '.join(REENTRY)}")
+        if exact_path not in EXACT_PATHS:
+            raise ValueError(f"unknown exact_path {exact_path!r}; valid: {', '.join(EXACT_PATHS)}")
         self.adapter = adapter or get_adapter(model)
         self.reentry = reentry
+        self.exact_path = exact_path
         self.targets: list[_Target] = []
         for name, ref, param in self.adapter.qk_params(model):
             start, stop = local_row_range(param)
             empty = torch.zeros(0, dtype=torch.long)
-            self.targets.append(_Target(name, ref, param, start, stop, empty))
+            self.targets.append(_Target(name, ref, param, start, stop, empty, empty))
         if not self.targets:
             raise ValueError(
                 f"no q/k projection parameters found in {type(model).__name__} "
@@ -117,8 +108,49 @@ class RowMaskGuard:
             reuse_buffers = self.targets[0].param.device.type == "cpu"
         self.reuse_buffers = reuse_buffers
         self._buffers: dict[tuple[int, str], torch.Tensor] = {}
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.path: str | None = None  # "masked" | "snapshot" once an optimizer is met
+        self.path_reason = ""
+        self._masked: MaskedUpdate | None = None
+        self._grads_masked = False
         self.masks: MaskSet | None = None
         self.set_masks(masks)
+        if optimizer is not None:
+            self.bind(optimizer)
+
+    # ---- the optimizer and the path -------------------------------------------------------
+    def bind(self, optimizer: torch.optim.Optimizer) -> str:
+        """Meet the optimizer (once) and choose the exact path for it; returns the path.
+        On the masked path the frozen rows' optimizer state is zeroed (or stashed)."""
+        if optimizer is self.optimizer:
+            return self.path
+        if self.optimizer is not None:
+            raise ValueError(
+                f"this RowMaskGuard already serves a {type(self.optimizer).__name__}; it "
+                f"cannot switch to another optimizer ({type(optimizer).__name__}): build a "
+                "guard per optimizer"
+            )
+        path, reason = exact_path_for(optimizer, [t.param for t in self.targets])
+        if self.exact_path == "snapshot":
+            path, reason = "snapshot", f"exact_path='snapshot' was asked for ({reason})"
+        elif self.exact_path == "masked" and path != "masked":
+            raise ValueError(f"exact_path='masked' is not possible: {reason}")
+        self.optimizer, self.path, self.path_reason = optimizer, path, reason
+        log.log(
+            logging.INFO if path == "masked" else logging.WARNING,
+            "LongAct keeps frozen W_Q/W_K rows exact with the %s path: %s",
+            path,
+            reason,
+        )
+        if path == "masked":
+            self._masked = MaskedUpdate(optimizer, self.targets, self.reentry, self.mask_grads)
+            self._masked.adopt()
+        return path
+
+    def _optimizer(self, optimizer: torch.optim.Optimizer | None) -> torch.optim.Optimizer | None:
+        if optimizer is not None:
+            self.bind(optimizer)
+        return self.optimizer
 
     # ---- masks -----------------------------------------------------------------------
     def _validate(self, masks: MaskSet) -> None:
@@ -138,13 +170,21 @@ class RowMaskGuard:
 
     @torch.no_grad()
     def set_masks(
-        self, masks: MaskSet, optimizer: torch.optim.Optimizer | None = None
+        self,
+        masks: MaskSet,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        restored: bool = False,
     ) -> dict[str, int]:
         """Install a (refreshed) mask set; returns counts of rows entering/leaving it
-        (W_Q/W_K weights, global rows). With ``reentry="reset"`` the param-shaped
-        optimizer state of entering rows is zeroed: the optimizer is then required
-        whenever rows enter (it may be None for the first mask)."""
+        (W_Q/W_K weights, global rows). Entering rows get their state reset or put back
+        (``reentry``), leaving rows' state is zeroed or stashed on the masked path. The
+        optimizer (bound if given) is required on the snapshot path when rows enter
+        under ``reentry="reset"``. ``restored``: the optimizer state was just loaded with
+        these masks in force, so no row's state is touched here (follow with
+        :meth:`optimizer_state_loaded`)."""
         self._validate(masks)
+        opt = self._optimizer(optimizer)
         old, entering_total, leaving_total = self.masks, 0, 0
         for t in self.targets:
             if old is not None and torch.equal(masks[t.ref.key], old[t.ref.key]):
@@ -155,20 +195,33 @@ class RowMaskGuard:
                 if t.ref.kind == "weight":
                     entering_total += int((masks[t.ref.key] & ~prev).sum())
                     leaving_total += int((prev & ~masks[t.ref.key]).sum())
-                entering = (new_local & ~prev[t.start : t.stop]).nonzero().squeeze(1)
-                if self.reentry == "reset" and optimizer is None and entering.numel():
-                    raise ValueError(
-                        "rows enter the mask: pass the optimizer to set_masks so their "
-                        "moments are reset (or use reentry='keep')"
-                    )
-                if self.reentry == "reset" and optimizer is not None and entering.numel():
-                    for v in _state_tensors(optimizer, t.param).values():
-                        local = local_tensor(v)
-                        local.index_fill_(0, entering.to(local.device), 0)
+                if not restored:
+                    self._move_state(t, opt, new_local, prev[t.start : t.stop])
             t.frozen = (~new_local).nonzero().squeeze(1)
+            t.kept = new_local.nonzero().squeeze(1)
             t._on.clear()
         self.masks = masks
         return {"rows_entering": entering_total, "rows_leaving": leaving_total}
+
+    def _move_state(self, t: _Target, opt, new_local: torch.Tensor, prev_local: torch.Tensor):
+        entering = (new_local & ~prev_local).nonzero().squeeze(1)
+        if self._masked is not None:
+            leaving = (prev_local & ~new_local).nonzero().squeeze(1)
+            if leaving.numel():
+                self._masked.freeze(t, leaving)
+            if entering.numel():
+                self._masked.thaw(t, entering)
+            return
+        if self.reentry != "reset" or not entering.numel():
+            return
+        if opt is None:
+            raise ValueError(
+                "rows enter the mask: pass the optimizer to set_masks so their "
+                "moments are reset (or use reentry='keep')"
+            )
+        for v in param_state(opt, t.param).values():
+            local = local_tensor(v)
+            local.index_fill_(0, entering.to(local.device), 0)
 
     def drop_device_copies(self) -> None:
         """Free the accelerator copies of the frozen-row indices (the model is being
@@ -181,6 +234,49 @@ class RowMaskGuard:
         assert self.masks is not None
         return 1.0 - float(self.masks.kept_fraction())
 
+    # ---- checkpoints ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """What LongAct must save beside the optimizer's own state: the moments set aside
+        for frozen rows (masked path, ``reentry="keep"``), by global row, on the CPU."""
+        stash: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+        if self._masked is not None:
+            for (i, key), (rows, values) in self._masked.stash.items():
+                t = self.targets[i]
+                stash.setdefault(t.name, {})[key] = {"rows": rows + t.start, "values": values}
+        return {"stash": stash}
+
+    @torch.no_grad()
+    def optimizer_state_loaded(self, saved: dict[str, Any] | None = None) -> None:
+        """The optimizer's state was just loaded from a checkpoint (after masks were set
+        with ``restored=True``). Masked path: frozen rows' moments, which snapshot-path
+        and plain checkpoints carry, are zeroed (``reset``) or set aside (``keep``).
+        Then the moments of ``saved`` (this guard's ``state_dict()`` from the same
+        checkpoint) for rows frozen here return to the stash (masked path) or to the
+        optimizer state (snapshot path)."""
+        if self._masked is not None:
+            self._masked.adopt()
+        if self.reentry != "keep":
+            return  # under "reset" set-aside moments are never used
+        for t in self.targets:
+            by_key = ((saved or {}).get("stash") or {}).get(t.name, {})
+            frozen = torch.zeros(t.stop - t.start, dtype=torch.bool)
+            frozen[t.frozen] = True
+            for key, entry in by_key.items():
+                rows, values = entry["rows"] - t.start, entry["values"]
+                mine = (rows >= 0) & (rows < t.stop - t.start)  # rows of this rank's shard
+                rows, values = rows[mine], values[mine]
+                still = frozen[rows]  # rows trainable under these masks keep the live state
+                rows, values = rows[still], values[still]
+                if not rows.numel():
+                    continue
+                if self._masked is not None:
+                    self._masked._put(t, key, rows, values)
+                    continue
+                state = param_state(self.optimizer, t.param) if self.optimizer else {}
+                if key in state:
+                    local = local_tensor(state[key])
+                    local.index_copy_(0, rows.to(local.device), values.to(local.device))
+
     # ---- gradients and steps ---------------------------------------------------------
     @torch.no_grad()
     def mask_grads(self) -> None:
@@ -189,17 +285,36 @@ class RowMaskGuard:
             if t.frozen.numel() and t.param.grad is not None:
                 grad = local_tensor(t.param.grad)
                 grad.index_fill_(0, t.frozen_on(grad), 0)
+        self._grads_masked = True
+
+    @property
+    def hook_s(self) -> float:
+        """Seconds the masked path's step hooks took in the last protected block (the
+        weight decay they apply replaces the one the optimizer would have applied)."""
+        return self._masked.hook_s if self._masked is not None else 0.0
 
     @contextmanager
-    def protect(self, optimizer: torch.optim.Optimizer) -> Iterator[None]:
-        """Frozen rows of params and their optimizer state come out of the block unchanged."""
+    def protect(self, optimizer: torch.optim.Optimizer | None = None) -> Iterator[None]:
+        """Frozen rows of params and their optimizer state come out of the block unchanged
+        (the optimizer: the one given, or the one the guard already serves)."""
+        opt = self._optimizer(optimizer)
+        if opt is None:
+            raise ValueError("protect needs the optimizer (none was given to this guard yet)")
+        if self._masked is not None:
+            self._masked.arm(self._grads_masked)
+            try:
+                yield
+            finally:
+                self._masked.disarm()
+                self._grads_masked = False
+            return
         saved = []
         with torch.no_grad():
             for i, t in enumerate(self.targets):
                 if not t.frozen.numel():
                     continue
                 state = {}
-                for k, v in _state_tensors(optimizer, t.param).items():
+                for k, v in param_state(opt, t.param).items():
                     local = local_tensor(v)
                     state[k] = self._rows((i, k), local, t.frozen_on(local))
                 param = local_tensor(t.param)
@@ -207,7 +322,8 @@ class RowMaskGuard:
         try:
             yield
         finally:
-            self._restore(optimizer, saved)
+            self._restore(opt, saved)
+            self._grads_masked = False
 
     def _rows(self, slot: tuple[int, str], src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``src[idx]`` (rows), into a buffer kept for ``slot`` when reusing buffers."""
@@ -219,20 +335,29 @@ class RowMaskGuard:
             buf = self._buffers[slot] = torch.empty(shape, dtype=src.dtype, device=src.device)
         return torch.index_select(src, 0, idx, out=buf)
 
+    def extra_bytes(self) -> int:
+        """Bytes LongAct keeps between steps for exactness: kept snapshot buffers
+        (snapshot path) or the stash of frozen rows' moments (masked, ``keep``)."""
+        kept = sum(b.numel() * b.element_size() for b in self._buffers.values())
+        return kept + (self._masked.stash_bytes() if self._masked is not None else 0)
+
     @staticmethod
     @torch.no_grad()
     def _restore(optimizer: torch.optim.Optimizer, saved: list) -> None:
         for t, rows, state in saved:
             param = local_tensor(t.param)
             param.index_copy_(0, t.frozen_on(param), rows)
-            for k, v in _state_tensors(optimizer, t.param).items():
+            for k, v in param_state(optimizer, t.param).items():
                 local = local_tensor(v)
                 if k in state:
                     local.index_copy_(0, t.frozen_on(local), state[k].to(local.device))
                 else:  # created by this step: frozen rows keep the initial zeros
                     local.index_fill_(0, t.frozen_on(local), 0)
 
-    def step(self, optimizer: torch.optim.Optimizer, closure: Callable | None = None) -> Any:
+    def step(
+        self, optimizer: torch.optim.Optimizer | None = None, closure: Callable | None = None
+    ) -> Any:
         """``optimizer.step()`` with the frozen rows protected."""
         with self.protect(optimizer):
-            return optimizer.step() if closure is None else optimizer.step(closure)
+            opt = self.optimizer
+            return opt.step() if closure is None else opt.step(closure)

@@ -1,140 +1,123 @@
 """Per-channel magnitude statistics of query/key activations (pure math, no hooks).
 
-For every (layer, projection) key, :class:`ChannelStats` keeps, per output channel ``c`` of
-q_proj / k_proj (the last dim of an activation of shape (..., C)):
-
-* ``count``   - number of tokens seen (float64 scalar; "effective" count after an EMA),
-* ``sum_abs`` - sum over tokens of ``|x[t, c]|``       (C,) float64,
-* ``sum_sq``  - sum over tokens of ``x[t, c] ** 2``     (C,) float64,
-* ``max_abs`` - max over tokens of ``|x[t, c]|``        (C,) float64.
-
-Sums are token-weighted, so merging micro-batches, data-parallel ranks (including
-sequence-parallel shards of one sequence) or steps is an exact addition (max for
-``max_abs``): the merge of two statistics equals the statistics of the concatenated tokens.
-
-Scores: ``mean_abs = sum_abs / count`` (the paper's magnitude, AWQ's choice),
-``rms = sqrt(sum_sq / count)``, ``max_abs``. A key with ``count == 0`` scores 0.
+For every (layer, projection) key, :class:`ChannelStats` keeps ``count`` - the tokens seen,
+a float64 scalar ("effective" count after an EMA) - and one float64 (C,) tensor per
+*statistic* it holds, C = the output channels of q_proj / k_proj (the last dim of an
+activation (..., C)). What each statistic is, how it accumulates from |x|, reduces (sum
+or max) and blends in an EMA is declared in ``longact.core.scores``; this module applies
+those declarations and names no statistic. A ChannelStats holds the statistics it was
+created with: every registered one by default, only what the score needs in training
+(``scores.fields_for``). Merging micro-batches, data-parallel ranks (including
+sequence-parallel shards of one sequence) or steps combines each statistic by its
+reduction, so a merge equals the statistics of the concatenated tokens; both sides must
+hold the same statistics.
 
 EMA across mask refreshes (:func:`ema`): the paper gives no formula, this is ours. With
-``decay`` in [0, 1), per key and channel, on per-channel *means*::
+``decay`` in [0, 1), per key and channel, ``mean = total / count``::
 
-    mean_abs = decay * prev.mean_abs + (1 - decay) * new.mean_abs
-    mean_sq  = decay * prev.mean_sq  + (1 - decay) * new.mean_sq
-    max_abs  = decay * prev.max_abs  + (1 - decay) * new.max_abs
-    count    = decay * prev.count    + (1 - decay) * new.count   (effective tokens)
+    count = decay * prev.count + (1 - decay) * new.count         (effective tokens)
+    sum:    mean  = decay * prev.mean  + (1 - decay) * new.mean   (stored as mean * count)
+    max:    value = decay * prev.value + (1 - decay) * new.value
 
-i.e. each refresh window weighs the same whatever its token count; sums are stored as
-``mean * count`` so the result is again a ChannelStats. A side with no tokens (missing key
-or count 0) contributes nothing: the other side is returned unchanged.
+so each refresh window weighs the same whatever its token count. A side with no tokens
+(missing key or count 0) contributes nothing: the other is returned unchanged. The result
+holds ``new``'s statistics; one ``prev`` lacks (score changed on resume) starts from ``new``.
+
+Flat form (:meth:`QKStats.to_fields`): one float64 vector per field, keys sorted,
+``count`` (K,) and each statistic (R,) = every key's channels end to end: the wire
+payload, and, grouped by reduction, what :meth:`QKStats.all_reduce` sends.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Iterable, Iterator, Mapping, Set
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from longact.core.adapters import Key, key_str, parse_key
+from longact.core.scores import (
+    COUNT,
+    REDUCTIONS,
+    SCORES,
+    STATISTICS,
+    Statistic,
+    reduction_of,
+    statistic_names,
+    statistics_for,
+)
 
-FIELDS = ("count", "sum_abs", "sum_sq", "max_abs")
+FIELDS = (COUNT, *STATISTICS.names())  # count + built-in statistics (live list: STATISTICS)
 _CHUNK_ELEMS = 1 << 22  # float64 working set per chunk: 32 MiB
+Fields = Iterable[str] | None  # field names to hold / accumulate; None: all
 
 
-def check_fields(layout: Iterable[tuple[Key, int]], flat: Mapping[str, Any]) -> None:
-    """Raise unless every entry of ``flat`` is a known field of the shape
-    ``QKStats.to_fields`` gives over ``layout``: count (K,), the others (R,)."""
-    layout = list(layout)
-    rows = sum(c for _, c in layout)
-    for f, v in flat.items():
-        want = len(layout) if f == "count" else rows
-        if f not in FIELDS or tuple(v.shape) != (want,):
-            raise ValueError(
-                f"statistics field {f!r} of shape {tuple(v.shape)} does not fit the layout "
-                f"({len(layout)} keys, {rows} channels; valid fields: {', '.join(FIELDS)})"
-            )
+def _zeroed(row_counts: Mapping[Key, int], names: list[str], device: Any) -> dict:
+    """{key: zero ChannelStats holding ``names``}, every tensor a view into one buffer:
+    one allocation and one fill (on a GPU, hundreds of tiny kernels fewer per refresh)."""
+    s = len(names)
+    buf = torch.zeros(sum(1 + s * n for n in row_counts.values()), dtype=torch.float64,
+                      device=device)  # fmt: skip
+    entries, i = {}, 0
+    for key, n in row_counts.items():
+        rest = buf[i + 1 : i + 1 + s * n].view(s, n)
+        entries[key] = ChannelStats(buf[i], **{name: rest[j] for j, name in enumerate(names)})
+        i += 1 + s * n
+    return entries
 
 
-@functools.cache
-def _accumulated(fields: tuple[str, ...]) -> frozenset[str]:
-    """The per-channel fields to accumulate (checked once per distinct tuple)."""
-    bad = sorted(set(fields) - set(FIELDS))
-    if bad:
-        raise ValueError(f"unknown statistics fields {bad}")
-    return frozenset(fields) - {"count"}
-
-
-_BLOCK = 1024  # tokens per float32 partial sum on accelerators
-
-
-def _blocked_sum(x: torch.Tensor, p: int) -> torch.Tensor:
-    """Per-channel sum of |x|^p (p = 1 or 2) of x (N, C) as float64 (C,): float32 norms
-    over blocks of ``_BLOCK`` tokens (one kernel, x read once), float64 across blocks.
-    On an H100, 8x faster than a float64 reduction at 32k tokens x 4096 channels."""
-    n, c = x.shape
-    full = n - n % _BLOCK
-    parts = []
-    if full:  # (full/B, B, C) -> (full/B, C)
-        parts.append(torch.linalg.vector_norm(x[:full].reshape(-1, _BLOCK, c), p, dim=1,
-                                              dtype=torch.float32))  # fmt: skip
-    if full < n:  # the remainder: (1, C)
-        parts.append(torch.linalg.vector_norm(x[full:], p, dim=0, dtype=torch.float32)[None])
-    blocks = parts[0] if len(parts) == 1 else torch.cat(parts)  # (n_blocks, C) float32
-    if p == 2:
-        blocks = blocks.double().square()
-    return blocks.sum(0, dtype=torch.float64)
-
-
-@dataclass
 class ChannelStats:
-    """Statistics of one (layer, proj): count () and sum_abs/sum_sq/max_abs (C,), float64."""
+    """Statistics of one (layer, proj): ``count`` () and ``values`` {statistic: (C,)},
+    float64, sorted by name. A statistic also reads as an attribute (``s.sum_abs``)."""
 
-    count: torch.Tensor
-    sum_abs: torch.Tensor
-    sum_sq: torch.Tensor
-    max_abs: torch.Tensor
+    def __init__(self, count: torch.Tensor, **values: torch.Tensor):
+        stats = statistics_for(tuple(values))
+        if not stats:
+            raise ValueError(f"ChannelStats needs a statistic; valid: {STATISTICS.names()}")
+        shapes = {n: tuple(v.shape) for n, v in values.items()}
+        if len(set(shapes.values())) != 1 or len(next(iter(shapes.values()))) != 1:
+            raise ValueError(f"statistics of one key must be (C,) of one length, got {shapes}")
+        self.count = count
+        self.values = {s.name: values[s.name] for s in stats}
 
     @classmethod
-    def zeros(cls, n_channels: int, device: torch.device | str | None = None) -> ChannelStats:
-        z = torch.zeros(n_channels, dtype=torch.float64, device=device)
-        return cls(torch.zeros((), dtype=torch.float64, device=device), z, z.clone(), z.clone())
+    def zeros(cls, n_channels: int, device: Any = None, fields: Fields = None) -> ChannelStats:
+        """Zero statistics holding ``fields`` (default: every registered statistic)."""
+        return _zeroed({0: n_channels}, statistic_names(fields), device)[0]
 
     @classmethod
-    def of(cls, x: torch.Tensor) -> ChannelStats:
+    def of(cls, x: torch.Tensor, fields: Fields = None) -> ChannelStats:
         """Statistics of the tokens of x (..., C)."""
-        out = cls.zeros(x.shape[-1], x.device)
-        out.update_(x)
-        return out
+        return cls.zeros(x.shape[-1], x.device, fields).update_(x)
+
+    def __getattr__(self, name: str) -> torch.Tensor:
+        values = self.__dict__.get("values")  # absent while unpickling
+        if values is not None and name in values:
+            return values[name]
+        raise AttributeError(f"ChannelStats has no attribute or statistic {name!r}")
 
     @property
     def n_channels(self) -> int:
-        return self.sum_abs.shape[0]
+        return next(iter(self.values.values())).shape[0]
 
     @torch.no_grad()
     def update_(
-        self,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        fields: Iterable[str] = FIELDS,
+        self, x: torch.Tensor, mask: Tensor | None = None, fields: Fields = None
     ) -> ChannelStats:
         """Add the tokens of x (..., C) in place, only those where ``mask`` (...) is True.
 
-        ``fields``: which of sum_abs / sum_sq / max_abs to accumulate (``count`` always
-        is); the others stay as they are, e.g. zeros when only the score's field is
-        needed. Masked-out tokens are replaced by zeros (``torch.where``, so even NaN/inf
-        padding is dropped) rather than gathered: no device sync, and as all terms are
-        >= 0 the zeros change no sum and no max. Sums are taken in float64.
+        ``fields``: which held statistics to accumulate (default: all; ``count`` always
+        is). Masked-out tokens become zero rows (``torch.where``: even NaN/inf padding is
+        dropped) rather than being gathered: no device sync, and no statistic changes.
 
-        Two implementations, chosen by device, each the faster one there (docs/bench):
-        on the CPU, chunks of tokens cast to float64 (``_update_chunked``, exact sums of
-        the float64 values); on accelerators, blocked reductions that read x once in its
-        own dtype (``_update_fused``): float32 sums within blocks of ``_BLOCK`` tokens,
-        float64 across blocks and calls, never a float64 copy of the activations. They
-        agree to ~1e-7 relative (float32 rounding within a block), far below any
-        difference that could reorder channels meaningfully."""
+        Two paths, each the faster one on its device (docs/bench): on the CPU, chunks of
+        tokens cast to float64 (each statistic's ``chunk``); on accelerators, each
+        statistic's ``fused`` kernel reading x once in its own dtype (built-in sums:
+        float32 within blocks of 1024 tokens, float64 across them, no float64 copy of the
+        activations). They agree to ~1e-7 relative, far below what could reorder
+        channels meaningfully."""
         x = x.detach().reshape(-1, x.shape[-1])  # (N, C)
         if x.shape[1] != self.n_channels:
             raise ValueError(f"activation has {x.shape[1]} channels, stats {self.n_channels}")
@@ -143,68 +126,80 @@ class ChannelStats:
             keep = mask.detach().reshape(-1).to(device=x.device, dtype=torch.bool)  # (N,)
             if keep.shape[0] != x.shape[0]:
                 raise ValueError(f"mask has {keep.shape[0]} tokens, activation {x.shape[0]}")
-        fields = _accumulated(tuple(fields))
-        if x.device.type == "cpu":
-            self._update_chunked(x, keep, fields)
-        else:
-            self._update_fused(x, keep, fields)
+        fields = tuple(self.values) if fields is None else tuple(fields)
+        if x.shape[0]:
+            update = self._update_chunked if x.device.type == "cpu" else self._update_fused
+            update(x, keep, fields)
         self.count += x.shape[0] if keep is None else keep.sum()
         return self
 
-    def _update_chunked(self, x: torch.Tensor, keep: torch.Tensor | None, fields: Set[str]) -> None:
+    def _held(self, fields: Iterable[str]) -> tuple[Statistic, ...]:
+        stats = statistics_for(tuple(fields))
+        missing = [s.name for s in stats if s.name not in self.values]
+        if missing:
+            raise ValueError(
+                f"cannot accumulate {missing}: these statistics hold {list(self.values)}"
+            )
+        return stats
+
+    def _update_chunked(
+        self, x: torch.Tensor, keep: torch.Tensor | None, fields: Iterable[str]
+    ) -> None:
+        stats = self._held(fields)
         step = max(1, _CHUNK_ELEMS // max(1, x.shape[1]))
         for start in range(0, x.shape[0], step):
             a = x[start : start + step].to(torch.float64).abs_()  # (n, C)
             if keep is not None:
                 a = torch.where(keep[start : start + step, None], a, 0.0)  # NaN-safe
-            if "sum_abs" in fields:
-                self.sum_abs += a.sum(0)
-            if "sum_sq" in fields:
-                self.sum_sq += a.square().sum(0)
-            if "max_abs" in fields:
-                torch.maximum(self.max_abs, a.amax(0), out=self.max_abs)
+            for s in stats:
+                s.reduction.combine_(self.values[s.name], s.chunk(a))
 
-    def _update_fused(self, x: torch.Tensor, keep: torch.Tensor | None, fields: Set[str]) -> None:
+    def _update_fused(
+        self, x: torch.Tensor, keep: torch.Tensor | None, fields: Iterable[str]
+    ) -> None:
+        stats = self._held(fields)
+        slow = [s.name for s in stats if s.fused is None]
+        if slow:
+            self._update_chunked(x, keep, slow)
+        if len(slow) == len(stats):
+            return
         if keep is not None:
             x = torch.where(keep[:, None], x, 0)  # (N, C), x's dtype; NaN-safe
-        if "sum_abs" in fields:
-            self.sum_abs += _blocked_sum(x, 1)
-        if "sum_sq" in fields:
-            self.sum_sq += _blocked_sum(x, 2)
-        if "max_abs" in fields:
-            amax = torch.linalg.vector_norm(x, math.inf, dim=0)  # exact in any dtype
-            torch.maximum(self.max_abs, amax.double(), out=self.max_abs)
+        for s in stats:
+            if s.fused is not None:
+                s.reduction.combine_(self.values[s.name], s.fused(x))
 
     def merge(self, other: ChannelStats) -> ChannelStats:
         """Exact statistics of the union of both token sets."""
         if other.n_channels != self.n_channels:
             raise ValueError(f"cannot merge {self.n_channels} with {other.n_channels} channels")
-        o = other.to(self.sum_abs.device)
+        if set(other.values) != set(self.values):
+            raise ValueError(
+                f"cannot merge statistics {list(self.values)} with {list(other.values)}"
+            )
+        o = other.to(self.count.device)
+        out = self.clone()
+        out.count += o.count
+        for name, v in out.values.items():
+            reduction_of(name).combine_(v, o.values[name])
+        return out
+
+    def to(self, device: Any) -> ChannelStats:
         return ChannelStats(
-            self.count + o.count,
-            self.sum_abs + o.sum_abs,
-            self.sum_sq + o.sum_sq,
-            torch.maximum(self.max_abs, o.max_abs),
+            self.count.to(device), **{n: v.to(device) for n, v in self.values.items()}
         )
 
-    def to(self, device: torch.device | str) -> ChannelStats:
-        return ChannelStats(*(getattr(self, f).to(device) for f in FIELDS))
-
     def clone(self) -> ChannelStats:
-        return ChannelStats(*(getattr(self, f).clone() for f in FIELDS))
+        return ChannelStats(self.count.clone(), **{n: v.clone() for n, v in self.values.items()})
 
-    # ---- scores (C,) float64 -------------------------------------------------------
-    def _per_token(self, total: torch.Tensor) -> torch.Tensor:
+    def mean(self, name: str) -> torch.Tensor:
+        """Per-token mean (C,) of a sum statistic: total / count; zeros without tokens."""
+        total = self.values[name]
         return total / self.count if float(self.count) > 0 else torch.zeros_like(total)
 
-    def mean_abs(self) -> torch.Tensor:
-        return self._per_token(self.sum_abs)
-
-    def mean_sq(self) -> torch.Tensor:
-        return self._per_token(self.sum_sq)
-
-    def rms(self) -> torch.Tensor:
-        return self.mean_sq().sqrt()
+    def score(self, name: str) -> torch.Tensor:
+        """The registered score ``name`` (C,) of these statistics."""
+        return SCORES.get(name)(self)
 
 
 class QKStats:
@@ -214,19 +209,12 @@ class QKStats:
         self.entries: dict[Key, ChannelStats] = dict(entries or {})
 
     @classmethod
-    def empty(cls, row_counts: Mapping[Key, int], device: Any = None) -> QKStats:
-        """Zero statistics for every key, e.g. ``QKStats.empty(layout.row_counts())``.
-
-        All fields are views into one zeroed buffer: one allocation and one fill instead
-        of four per key (on a GPU, 224 tiny kernels fewer per refresh at 28 layers)."""
-        total = sum(1 + 3 * n for n in row_counts.values())
-        buf = torch.zeros(total, dtype=torch.float64, device=device)
-        entries, i = {}, 0
-        for k, n in row_counts.items():
-            count, rest = buf[i], buf[i + 1 : i + 1 + 3 * n].view(3, n)
-            entries[k] = ChannelStats(count, rest[0], rest[1], rest[2])
-            i += 1 + 3 * n
-        return cls(entries)
+    def empty(
+        cls, row_counts: Mapping[Key, int], device: Any = None, fields: Fields = None
+    ) -> QKStats:
+        """Zero statistics for every key holding ``fields`` (default: every registered
+        statistic), e.g. ``QKStats.empty(layout.row_counts())``; views of one buffer."""
+        return cls(_zeroed(row_counts, statistic_names(fields), device))
 
     def keys(self) -> list[Key]:
         return sorted(self.entries)
@@ -243,37 +231,30 @@ class QKStats:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def update(
-        self,
-        key: Key,
-        x: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        fields: Iterable[str] = FIELDS,
-    ) -> None:
-        """Add the tokens of x (..., C) [where mask (...) is True] to ``key``
-        (created on x's device if new); ``fields`` as in ``ChannelStats.update_``."""
+    def fields(self) -> tuple[str, ...]:
+        """``count`` and the statistics every key holds, sorted."""
+        held = [set(v.values) for v in self.entries.values()]
+        return (COUNT, *sorted(set.intersection(*held) if held else ()))
+
+    def update(self, key: Key, x: torch.Tensor, mask: Tensor | None = None, fields: Fields = None):
+        """Add the tokens of x (..., C) [where mask (...) is True] to ``key`` (created on
+        x's device holding ``fields`` if new); ``fields`` as in ``ChannelStats.update_``."""
         if key not in self.entries:
-            self.entries[key] = ChannelStats.zeros(x.shape[-1], x.device)
-        elif self.entries[key].sum_abs.device != x.device:  # e.g. CPU-offloaded params
+            self.entries[key] = ChannelStats.zeros(x.shape[-1], x.device, fields)
+        elif self.entries[key].count.device != x.device:  # e.g. CPU-offloaded params
             self.entries[key] = self.entries[key].to(x.device)
         self.entries[key].update_(x, mask, fields)
 
     def token_count(self, key: Key) -> float:
         return float(self.entries[key].count) if key in self.entries else 0.0
 
-    # ---- scores ----------------------------------------------------------------------
-    def mean_abs(self, key: Key) -> torch.Tensor:
-        return self.entries[key].mean_abs()
-
-    def rms(self, key: Key) -> torch.Tensor:
-        return self.entries[key].rms()
-
-    def max_abs(self, key: Key) -> torch.Tensor:
-        return self.entries[key].max_abs
+    def score(self, key: Key, name: str) -> torch.Tensor:
+        """The registered score ``name`` (C,) of ``key``."""
+        return self.entries[key].score(name)
 
     # ---- merging ---------------------------------------------------------------------
     def merge(self, other: QKStats) -> QKStats:
-        """Exact token-weighted merge; keys present on one side only are copied."""
+        """Exact merge; keys present on one side only are copied."""
         out = {k: v.clone() for k, v in self.entries.items()}
         for k, v in other.entries.items():
             out[k] = out[k].merge(v) if k in out else v.clone()
@@ -290,7 +271,9 @@ class QKStats:
         return {
             "format": 1,
             "entries": {
-                key_str(k): {f: getattr(v, f).detach().cpu().clone() for f in FIELDS}
+                key_str(k): {
+                    f: t.detach().cpu().clone() for f, t in [(COUNT, v.count), *v.values.items()]
+                }
                 for k, v in sorted(self.entries.items())
             },
         }
@@ -301,87 +284,86 @@ class QKStats:
             raise ValueError(f"unknown QKStats format {sd.get('format')!r}")
         entries = {}
         for k, v in sd["entries"].items():
-            fields = [torch.as_tensor(v[f], dtype=torch.float64) for f in FIELDS]
-            entries[parse_key(k)] = ChannelStats(*fields)
+            t = {f: torch.as_tensor(x, dtype=torch.float64) for f, x in v.items()}
+            if COUNT not in t:
+                raise ValueError(f"statistics of {k} have no {COUNT!r}")
+            entries[parse_key(k)] = ChannelStats(t.pop(COUNT), **t)
         return cls(entries)
 
     def layout(self) -> list[tuple[Key, int]]:
         """(key, n_channels) in the fixed order used by the flat form."""
         return [(k, self.entries[k].n_channels) for k in self.keys()]
 
-    def to_flat(self, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sums, maxes): sums = [count, sum_abs, sum_sq] per key, to all-reduce with SUM;
-        maxes = max_abs per key, to all-reduce with MAX. Both float64 1-D, on ``device``
-        (default: that of the first key)."""
-        keys = self.keys()
-        if device is not None or len({self.entries[k].sum_abs.device for k in keys}) > 1:
-            device = device or self.entries[keys[0]].sum_abs.device
-            return self.to(device).to_flat()
-        sums = [
-            t
-            for k in keys
-            for t in (
-                self.entries[k].count.reshape(1),
-                self.entries[k].sum_abs,
-                self.entries[k].sum_sq,
-            )
-        ]
-        maxes = [self.entries[k].max_abs for k in keys]
-        return torch.cat(sums), torch.cat(maxes)
-
-    @classmethod
-    def from_flat(
-        cls, layout: Iterable[tuple[Key, int]], sums: torch.Tensor, maxes: torch.Tensor
-    ) -> QKStats:
-        entries, i, j = {}, 0, 0
-        for key, c in layout:
-            count = sums[i].clone()
-            sum_abs = sums[i + 1 : i + 1 + c].clone()
-            sum_sq = sums[i + 1 + c : i + 1 + 2 * c].clone()
-            entries[key] = ChannelStats(count, sum_abs, sum_sq, maxes[j : j + c].clone())
-            i, j = i + 1 + 2 * c, j + c
-        if i != sums.numel() or j != maxes.numel():
-            raise ValueError("flat statistics do not match the layout")
-        return cls(entries)
-
-    def to_fields(self, fields: Iterable[str] = FIELDS) -> dict[str, torch.Tensor]:
-        """Per-field flat float64 CPU vectors in sorted key order: ``count`` (K,) with
-        one entry per key, the others (R,) with every key's channels end to end."""
-        keys, out = self.keys(), {}
+    def to_fields(self, fields: Fields = None, device: Any = "cpu") -> dict[str, torch.Tensor]:
+        """Per-field flat float64 vectors on ``device`` in sorted key order: ``count`` (K,)
+        with one entry per key, each statistic (R,) with every key's channels end to end.
+        ``fields`` default: :meth:`fields`."""
+        entries = [self.entries[k] for k in self.keys()]
+        fields = self.fields() if fields is None else tuple(fields)
+        statistics_for(fields)  # unknown names raise
+        out = {}
         for f in fields:
-            if f not in FIELDS:
-                raise ValueError(f"unknown statistics field {f!r}; valid: {', '.join(FIELDS)}")
-            parts = [getattr(self.entries[k], f).reshape(-1) for k in keys]
-            out[f] = torch.cat(parts).to("cpu", torch.float64) if parts else torch.zeros(0)
+            parts = [e.count.reshape(1) if f == COUNT else e.values.get(f) for e in entries]
+            if any(p is None for p in parts):
+                raise ValueError(f"not every key holds {f!r}; all hold {self.fields()}")
+            flat = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+            out[f] = flat.to(device, torch.float64)
         return out
 
     @classmethod
     def from_fields(
         cls, layout: Iterable[tuple[Key, int]], flat: Mapping[str, torch.Tensor]
     ) -> QKStats:
-        """Inverse of :meth:`to_fields` over ``layout`` ((key, channels), sorted keys);
-        fields absent from ``flat`` are zeros."""
+        """Inverse of :meth:`to_fields` over ``layout`` ((key, channels), sorted keys):
+        every key holds the statistics in ``flat`` (views of one copy of each vector)."""
         layout = list(layout)
         check_fields(layout, flat)
-        entries, i = {}, 0
-        for j, (key, c) in enumerate(layout):
-            z = ChannelStats.zeros(c)
-            count = flat["count"][j].clone() if "count" in flat else z.count
-            rest = [flat[f][i : i + c].clone() if f in flat else getattr(z, f) for f in FIELDS[1:]]
-            entries[key] = ChannelStats(count, *rest)
-            i += c
-        return cls(entries)
+        sizes = [c for _, c in layout]
+        count = flat[COUNT].clone()
+        split = {f: torch.split(v.clone(), sizes) for f, v in flat.items() if f != COUNT}
+        return cls({
+            key: ChannelStats(count[j], **{f: parts[j] for f, parts in split.items()})
+            for j, (key, _) in enumerate(layout)
+        })  # fmt: skip
 
     def all_reduce(self, group: Any = None, device: Any = None) -> QKStats:
-        """Exact merge over a process group (two collectives). Every rank must hold the
-        same keys and channel counts (create them with :meth:`empty`). ``device``: where
-        the collectives run (a CUDA device for NCCL)."""
+        """Exact merge over a process group: one collective per reduction (sum, max).
+        Every rank must hold the same keys, channel counts and statistics (create them
+        with :meth:`empty`). ``device``: where the collectives run (CUDA for NCCL)."""
         import torch.distributed as dist
 
-        sums, maxes = self.to_flat(device)
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=group)
-        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
-        return QKStats.from_flat(self.layout(), sums, maxes)
+        if not self.entries:
+            return QKStats()
+        flat = self.to_fields(device=device or self.entries[self.keys()[0]].count.device)
+        groups: dict[str, list[str]] = {}
+        for f in flat:  # sorted fields: the same collectives in the same order everywhere
+            groups.setdefault(reduction_of(f).name, []).append(f)
+        for red, names in groups.items():
+            buf = torch.cat([flat[f] for f in names])
+            op = getattr(dist.ReduceOp, REDUCTIONS.get(red).dist_op)
+            dist.all_reduce(buf, op=op, group=group)
+            flat.update(zip(names, torch.split(buf, [flat[f].numel() for f in names])))
+        return QKStats.from_fields(self.layout(), flat)
+
+
+def check_fields(layout: Iterable[tuple[Key, int]], flat: Mapping[str, Any]) -> None:
+    """Raise unless ``flat`` has the form ``QKStats.to_fields`` gives over ``layout``:
+    ``count`` (K,) and at least one registered statistic (R,)."""
+    layout = list(layout)
+    rows = sum(c for _, c in layout)
+    statistics_for(tuple(flat))
+    if COUNT not in flat or len(flat) < 2:
+        raise ValueError(
+            f"statistics fields {sorted(flat)} need {COUNT!r} and at least one statistic "
+            f"({', '.join(STATISTICS.names())})"
+        )
+    for f, v in flat.items():
+        want = len(layout) if f == COUNT else rows
+        if tuple(v.shape) != (want,):
+            raise ValueError(
+                f"statistics field {f!r} of shape {tuple(v.shape)} does not fit the layout "
+                f"({len(layout)} keys, {rows} channels)"
+            )
 
 
 def merge(*stats: QKStats) -> QKStats:
@@ -393,19 +375,24 @@ def merge(*stats: QKStats) -> QKStats:
 
 
 @torch.no_grad()
-def ema_channel(prev: ChannelStats, new: ChannelStats, decay: float) -> ChannelStats:
-    """EMA on per-channel means (see module docstring)."""
+def _ema_channel(prev: ChannelStats, new: ChannelStats, decay: float) -> ChannelStats:
+    """EMA of one key (see module docstring)."""
     if float(prev.count) <= 0:
         return new.clone()
     if float(new.count) <= 0:
         return prev.clone()
-    new = new.to(prev.sum_abs.device)
+    new = new.to(prev.count.device)
     a, b = decay, 1.0 - decay
     count = a * prev.count + b * new.count
-    mean_abs = a * prev.mean_abs() + b * new.mean_abs()
-    mean_sq = a * prev.mean_sq() + b * new.mean_sq()
-    max_abs = a * prev.max_abs + b * new.max_abs
-    return ChannelStats(count, mean_abs * count, mean_sq * count, max_abs)
+    values = {}
+    for name, v in new.values.items():
+        known = name in prev.values
+        if reduction_of(name).per_token_ema:
+            mean = a * prev.mean(name) + b * new.mean(name) if known else new.mean(name)
+            values[name] = mean * count
+        else:
+            values[name] = a * prev.values[name] + b * v if known else v.clone()
+    return ChannelStats(count, **values)
 
 
 def ema(prev: QKStats | None, new: QKStats, decay: float) -> QKStats:
@@ -419,5 +406,5 @@ def ema(prev: QKStats | None, new: QKStats, decay: float) -> QKStats:
         return QKStats({k: v.clone() for k, v in new.entries.items()})
     out = {k: v.clone() for k, v in prev.entries.items()}
     for k, v in new.entries.items():
-        out[k] = ema_channel(out[k], v, decay) if k in out else v.clone()
+        out[k] = _ema_channel(out[k], v, decay) if k in out else v.clone()
     return QKStats(out)

@@ -7,10 +7,10 @@ either form. Protocol, once per refresh:
 
 1. every rank calls ``exchange(rank, step, stats_state)`` at the same optimizer step,
    sending its partial, token-weighted statistics (sums, counts and maxima: small);
-2. partials are merged as they arrive (exact sums; memory does not grow with ranks);
-   when the last rank's arrives, the merged window is folded into the running
-   statistics (EMA), masks are computed with the configured policy and published as
-   the next version;
+2. partials are merged as they arrive (exact: each statistic by its declared reduction,
+   ``longact.core.scores``; memory does not grow with ranks); when the last rank's
+   arrives, the merged window is folded into the running statistics (EMA), masks are
+   computed with the configured policy and published as the next version;
 3. every rank's call returns that same version, and each rank applies it from this
    optimizer step on, so all ranks switch together and never run a mix.
 
@@ -37,8 +37,8 @@ before any worker starts, so the coordinator is owned by the run and not by a tr
 rank, and it is placed on the head node (no CPU or GPU reserved), which lives as long
 as the cluster; ranks find it by name (``lookup``).
 
-The wire format between ranks and coordinator (flat statistics payloads, bit-packed
-masks) is in ``longact.distributed.wire``.
+The wire format between ranks and coordinator (flat statistics payloads: which fields,
+how they are read and merged; bit-packed masks) is in ``longact.distributed.wire``.
 """
 
 from __future__ import annotations
@@ -50,15 +50,15 @@ from typing import Any
 import torch
 
 from longact.config import LongActConfig
-from longact.core.adapters import QKLayout, key_str
+from longact.core.adapters import QKLayout
 from longact.core.masks import MaskSet, build_masks
-from longact.core.stats import QKStats, check_fields, ema
-from longact.distributed.wire import (  # noqa: F401 (some re-exported: benchmarks, tests)
-    FLAT_FORMAT,
-    PackedMasks,
-    _as_float64,
+from longact.core.stats import QKStats, ema
+from longact.distributed.wire import (  # noqa: F401 (stats_payload re-exported: bench, tests)
+    MASS_SCORE,
     _packed,
+    merge_fields_,
     payload_fields,
+    read_payload,
     stats_payload,
 )
 
@@ -155,7 +155,7 @@ class SaliencyCoordinator:
         )
         if rank in slot["ranks"]:
             raise ValueError(f"rank {rank} sent statistics for step {step} twice")
-        part = self._partial(stats_state)
+        part = read_payload(stats_state, self._flat_layout, payload_fields(self.config.score))
         if _finite(part):
             slot["stats"] = self._merge(slot["stats"], part)
         else:
@@ -215,36 +215,12 @@ class SaliencyCoordinator:
         """(key, channels) in ``QKStats.to_fields`` order (sorted keys) for this layout."""
         return sorted(self.layout.row_counts().items())
 
-    def _partial(self, stats_state: dict[str, Any]) -> dict[str, torch.Tensor] | QKStats:
-        """A rank's partial as flat fields when it covers exactly the layout."""
-        flat_layout = self._flat_layout
-        if stats_state.get("format") == FLAT_FORMAT:
-            keys = [key_str(k) for k, _ in flat_layout]
-            if list(stats_state["keys"]) != keys:
-                raise ValueError("flat statistics do not cover the coordinator's layout")
-            got = {f: _as_float64(v) for f, v in stats_state["fields"].items()}
-            check_fields(flat_layout, got)
-            if "count" not in got:
-                raise ValueError("flat statistics have no 'count' field")
-            return got
-        part = QKStats.from_state_dict(stats_state)
-        return part.to_fields() if part.layout() == flat_layout else part
-
     def _merge(self, acc: dict | QKStats | None, part: dict | QKStats) -> dict | QKStats:
-        """Exact merge; flat partials are added in place (no per-rank allocation)."""
+        """Exact merge; flat partials are merged in place (no per-rank allocation)."""
         if acc is None:
             return {f: v.clone() for f, v in part.items()} if isinstance(part, dict) else part
         if isinstance(acc, dict) and isinstance(part, dict):
-            if set(acc) != set(part):
-                raise ValueError(
-                    f"ranks sent different statistics fields: {sorted(acc)} vs {sorted(part)}"
-                )
-            for f, v in part.items():
-                if f == "max_abs":
-                    torch.maximum(acc[f], v, out=acc[f])
-                else:
-                    acc[f].add_(v)
-            return acc
+            return merge_fields_(acc, part)
         flat = self._flat_layout
         a = QKStats.from_fields(flat, acc) if isinstance(acc, dict) else acc
         return a.merge(QKStats.from_fields(flat, part) if isinstance(part, dict) else part)
@@ -339,7 +315,7 @@ class SaliencyCoordinator:
         """Kept fraction, overlap with the previous mask and |x| mass kept, per projection."""
         out: dict[str, float] = {"longact/version": float(self.version), "longact/step": step}
         kept = new.kept_fraction(per_key=True)
-        mass = new.mass_kept(self.running, score="mean_abs", per_key=True)
+        mass = new.mass_kept(self.running, score=MASS_SCORE, per_key=True)
         jac = new.jaccard(self.masks, per_key=True) if self.masks is not None else None
         for proj in ("q", "k"):
             keys = [k for k in new.keys() if k[1] == proj]

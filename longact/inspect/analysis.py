@@ -220,7 +220,7 @@ def inspect_model(
     )
     keys, channels = [], {}
     for key in layout:
-        m = stats.mean_abs(key).double().cpu()  # (C,)
+        m = stats.score(key, "mean_abs").double().cpu()  # (C,)
         mask = masks[key]
         keys.append({"layer": key[0], "proj": key[1], **_key_metrics(m, mask, layout.head_dim)})
         channels[key_str(key)] = {

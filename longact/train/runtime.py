@@ -9,15 +9,22 @@
   statistics to the saliency coordinator and installs the masks it publishes (all ranks
   block on the same refresh, so they switch together);
 - zeroes the frozen rows' gradients before clipping and keeps the frozen rows (and their
-  optimizer state) bit-identical through ``optimizer.step()``;
-- saves and restores the coordinator's state and its own step counter with verl's
-  checkpoints: every rank writes ``longact_state_rank{r}.pt`` beside verl's own shard
-  of that rank, atomically, and restores from its own file, so resuming from node-local
-  disks works (``longact_state.pt``, written by rank 0 of older versions, is read when
-  a rank finds no file of its own);
+  optimizer state) bit-identical through ``optimizer.step()``, on the snapshot-free
+  "masked" path for torch's AdamW / Adam / SGD and by snapshot and restore for any other
+  optimizer (``core/sparse_update.py``); the path is logged once and reported as
+  ``longact/exact_path_snapshot`` (1.0 on the snapshot path);
+- saves and restores the coordinator's state, its own step counter and the guard's state
+  with verl's checkpoints, and has the guard clear the moments of frozen rows that a
+  loaded optimizer state carries (snapshot-path or plain verl checkpoints). Every rank writes
+  ``longact_state_rank{r}.pt`` beside verl's own shard of that rank, atomically, and
+  restores from its own file, so resuming from node-local disks works
+  (``longact_state.pt``, written by rank 0 of older versions, is read when a rank finds
+  no file of its own);
 - reports where its time goes, per optimizer step, as host wall-clock seconds
   (``longact/capture_s`` in the hooks, ``longact/mask_s`` zeroing frozen gradient rows,
-  ``longact/snapshot_s`` and ``longact/restore_s`` around ``optimizer.step()``;
+  ``longact/snapshot_s`` and ``longact/restore_s`` around ``optimizer.step()``, about
+  zero on the masked path, ``longact/decay_s`` in the masked path's step hook, which
+  applies the weight decay the optimizer would otherwise apply itself;
   ``longact/rank_refresh_s`` on refresh steps). On CUDA, kernels run asynchronously,
   so these are launch times unless something synchronizes.
 
@@ -104,7 +111,9 @@ class LongActRuntime:
         )
         self.capture.attach()
         self.layout = self.capture.layout
-        self.guard = RowMaskGuard(module, MaskSet.full(self.layout), self.adapter)
+        self.guard = RowMaskGuard(
+            module, MaskSet.full(self.layout), self.adapter, optimizer=optimizer
+        )
         on = dist.is_initialized()
         self.rank = rank if rank is not None else (dist.get_rank() if on else 0)
         self.world_size = (
@@ -118,7 +127,8 @@ class LongActRuntime:
         self._inflight: tuple[int, dict, Any] | None = None  # async: (step, payload, handle)
         self._refresh_host_s = 0.0
         self._pending_metrics: dict[str, float] = {}
-        self.timings = {"refresh_s": 0.0, "mask_s": 0.0, "snapshot_s": 0.0, "restore_s": 0.0}
+        parts = ("refresh_s", "mask_s", "snapshot_s", "restore_s", "decay_s")
+        self.timings = dict.fromkeys(parts, 0.0)
         self._calibration_due = self.cfg.calibration.enable
 
     def _where(self, step: int) -> str:
@@ -265,11 +275,11 @@ class LongActRuntime:
         self._pending_metrics.update(payload["metrics"])
         self._pending_metrics["longact/rank_refresh_s"] = dt
 
-    def _install(self, payload: dict, reset_entering: bool = True) -> None:
+    def _install(self, payload: dict, restored: bool = False) -> None:
         if int(payload["version"]) == self.version and self.version > 0:
             return  # the masks in force (e.g. kept after non-finite statistics)
         masks = MaskSet.from_state_dict(payload["masks"])
-        self.guard.set_masks(masks, self.optimizer if reset_entering else None)
+        self.guard.set_masks(masks, restored=restored)
         self.version = int(payload["version"])
 
     # ---- hooks called by the engine -------------------------------------------------------
@@ -299,7 +309,8 @@ class LongActRuntime:
             finally:
                 t2 = time.perf_counter()
         t3 = time.perf_counter()
-        for name, dt in (("snapshot_s", t1 - t0), ("restore_s", t3 - t2)):
+        parts = (("snapshot_s", t1 - t0), ("restore_s", t3 - t2), ("decay_s", self.guard.hook_s))
+        for name, dt in parts:
             self.timings[name] += dt
             self._pending_metrics[f"longact/{name}"] = dt
 
@@ -314,6 +325,7 @@ class LongActRuntime:
         out["longact/capture_s"] = self.capture.pop_record_s()
         out["longact/mask_version"] = float(self.version)
         out["longact/frozen_fraction"] = self.guard.frozen_fraction()
+        out["longact/exact_path_snapshot"] = float(self.guard.path == "snapshot")
         self._pending_metrics.clear()
         return out
 
@@ -325,6 +337,7 @@ class LongActRuntime:
             "step": self.step,
             "last_refresh": self.last_refresh,
             "version": self.version,
+            "guard": self.guard.state_dict(),
             "rank": self.rank,
             "world_size": self.world_size,
         }
@@ -348,21 +361,32 @@ class LongActRuntime:
         if not path.is_file():
             legacy = Path(local_path) / LEGACY_STATE_FILE
             if not legacy.is_file():
-                raise FileNotFoundError(
-                    f"{path} is missing: this checkpoint was not written with LongAct on "
-                    "(resume with longact.enable=false, or from a LongAct checkpoint), or "
-                    f"this node cannot see rank {self.rank}'s files"
-                )
+                self._start_fresh(local_path)
+                return
             path = legacy
         state = torch.load(path, weights_only=False)
         self.client.call("restore", self.rank, state["coordinator"])
         current = self.client.call("current")
         if current is not None:
-            # the optimizer state was restored with the weights: do not reset it
-            self._install(current, reset_entering=False)
+            # the optimizer state was restored with the weights: do not reset it here
+            self._install(current, restored=True)
+        # ... but frozen rows' moments it carries are zeroed or set aside (masked path)
+        self.guard.optimizer_state_loaded(state.get("guard"))
         self.step = int(state["step"])
         self.last_refresh = state["last_refresh"]
         self._calibration_due = False  # a resumed run keeps its masks
+
+    def _start_fresh(self, local_path: str) -> None:
+        """A checkpoint without LongAct's state (plain verl, LongAct turned on at resume):
+        LongAct starts as in a new run, its first masks chosen at the next optimizer
+        step (from calibration, if enabled); the frozen rows' moments the plain run left
+        are zeroed or set aside when those masks are installed."""
+        print(
+            f"longact: rank {self.rank}: no LongAct state in {local_path} (a checkpoint of "
+            "plain RL?): LongAct starts fresh, first masks at the next optimizer step",
+            flush=True,
+        )
+        self.guard.optimizer_state_loaded(None)
 
 
 def _encode(tok, prompts: list, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:

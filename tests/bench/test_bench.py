@@ -16,7 +16,7 @@ import torch
 
 from longact.core.adapters import QKLayout
 from longact.core.masks import MaskSet
-from longact.demo.logs import parse_step_metrics
+from longact.train.logs import parse_step_metrics
 
 SMALL = QKLayout(num_layers=2, head_dim=16, num_attention_heads=4, num_key_value_heads=2)
 

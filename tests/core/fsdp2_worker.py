@@ -2,6 +2,8 @@
 
 Run by test_core_fsdp2.py as ``python fsdp2_worker.py OUT_DIR`` with RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT set; ``train(sharded=False)`` is the single-process reference.
+The sharded run trains once per ``VARIANTS`` entry: RowMaskGuard's masked path (AdamW
+on DTensors, single-tensor and foreach) and its snapshot path.
 """
 
 from __future__ import annotations
@@ -27,8 +29,14 @@ from longact.core import (
     get_adapter,
     local_row_range,
 )
+from longact.core.exact_update import param_state
 
 STEPS = 3
+VARIANTS = {  # name: (exact path, AdamW's foreach)
+    "masked": ("masked", None),
+    "masked_foreach": ("masked", True),
+    "snapshot": ("snapshot", None),
+}
 
 
 def masks_for(layout):
@@ -37,7 +45,9 @@ def masks_for(layout):
     return first, second
 
 
-def train(sharded: bool) -> dict[str, torch.Tensor]:
+def train(
+    sharded: bool, path: str = "snapshot", foreach: bool | None = None
+) -> dict[str, torch.Tensor]:
     """3 AdamW steps (weight decay, clipping, one mask refresh); full weights back."""
     model = tiny_model("qwen3", seed=0)
     layout = get_adapter(model).layout(model)
@@ -48,8 +58,8 @@ def train(sharded: bool) -> dict[str, torch.Tensor]:
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    guard = RowMaskGuard(model, first)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, foreach=foreach)
+    guard = RowMaskGuard(model, first, optimizer=opt, exact_path=path)
     if sharded:  # really sharded: each rank holds its half of the rows
         rank = dist.get_rank()
         spans = {t.name: (t.start, t.stop) for t in guard.targets}
@@ -65,6 +75,12 @@ def train(sharded: bool) -> dict[str, torch.Tensor]:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=0.05)
         guard.step(opt)
         opt.zero_grad()
+        assert opt.param_groups[0]["weight_decay"] == 0.1
+        if path == "masked":  # frozen rows' moments stay zero on this rank's shard
+            for t in guard.targets:
+                for v in param_state(opt, t.param).values():
+                    local = v.to_local() if sharded else v
+                    assert not local[t.frozen].any(), (step, t.name)
     out = {}
     for name, p in model.named_parameters():
         full = p.full_tensor() if hasattr(p, "full_tensor") else p
@@ -90,7 +106,7 @@ class _Uneven(nn.Module):
         return attn.q_proj(x).square().sum() + attn.k_proj(x).sum()
 
 
-def train_uneven(sharded: bool) -> dict[str, torch.Tensor]:
+def train_uneven(sharded: bool, path: str = "snapshot") -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = _Uneven()
     masks = MaskSet({(0, "q"): [True, False, False, True, False], (0, "k"): [False]})
@@ -99,7 +115,7 @@ def train_uneven(sharded: bool) -> dict[str, torch.Tensor]:
 
         fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
-    guard = RowMaskGuard(model, masks, adapter=get_adapter("llama"))
+    guard = RowMaskGuard(model, masks, adapter=get_adapter("llama"), optimizer=opt, exact_path=path)
     if sharded:
         spans = sorted((t.name, t.start, t.stop) for t in guard.targets)
         expected = [[(0, 1), (0, 1), (0, 3), (0, 3)], [(1, 1), (1, 1), (3, 5), (3, 5)]]
@@ -145,10 +161,14 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     check_offsets(rank, world)
     check_stats_all_reduce(rank, world)
-    weights = train(sharded=True)
-    uneven = train_uneven(sharded=True)
+    out = {}
+    for name, (path, foreach) in VARIANTS.items():
+        out[name] = {
+            "weights": train(sharded=True, path=path, foreach=foreach),
+            "uneven": train_uneven(sharded=True, path=path),
+        }
     if rank == 0:
-        torch.save({"weights": weights, "uneven": uneven}, os.path.join(out_dir, "sharded.pt"))
+        torch.save(out, os.path.join(out_dir, "sharded.pt"))
     dist.barrier()
     dist.destroy_process_group()
 

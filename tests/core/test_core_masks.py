@@ -194,13 +194,12 @@ def test_one_sort_per_projection_matches_key_by_key(policy, granularity):
     entries = {}
     for key, c in layout.row_counts().items():
         mean = torch.randint(0, 4, (c,), generator=g).double()  # many ties
-        entries[key] = ChannelStats(torch.tensor(10.0, dtype=torch.float64), mean * 10,
-                                    mean * 0, mean * 0)  # fmt: skip
+        entries[key] = ChannelStats(torch.tensor(10.0, dtype=torch.float64), sum_abs=mean * 10)
     stats = QKStats(entries)
     got = build_masks(stats, layout, ratio=0.3, policy=policy, granularity=granularity)
     for key in layout:
         want = select_rows(
-            stats[key].mean_abs(),
+            stats[key].score("mean_abs"),
             layout.rows(key[1]),
             layout.head_dim,
             ratio=0.3,

@@ -1,4 +1,5 @@
-"""RowMaskGuard: frozen W_Q/W_K rows stay bit-identical through AdamW steps."""
+"""RowMaskGuard: frozen W_Q/W_K rows stay bit-identical through AdamW steps, on the
+masked (snapshot-free) path and on the snapshot path."""
 
 import copy
 
@@ -26,7 +27,8 @@ def _adam_state(opt, param):
     return {k: v.clone() for k, v in opt.state[param].items() if k != "step"}
 
 
-def test_adamw_frozen_rows_bit_identical_with_mask_refresh():
+@pytest.mark.parametrize("path", ["masked", "snapshot"])
+def test_adamw_frozen_rows_bit_identical_with_mask_refresh(path):
     model = tiny_model("qwen3", seed=0)
     ad = get_adapter(model)
     layout = ad.layout(model)
@@ -36,7 +38,7 @@ def test_adamw_frozen_rows_bit_identical_with_mask_refresh():
     first = build_masks(cap.stats, layout, ratio=0.3, version=1)
     second = build_masks(None, layout, ratio=0.3, policy="random", seed=5, version=2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-    guard = RowMaskGuard(model, first)
+    guard = RowMaskGuard(model, first, exact_path=path)
     qk = {name: (ref, p) for name, ref, p in ad.qk_params(model)}
     params = dict(model.named_parameters())
     masks = first
@@ -47,12 +49,15 @@ def test_adamw_frozen_rows_bit_identical_with_mask_refresh():
             masks = second
             for name, (ref, p) in qk.items():
                 entering = second[ref.key] & ~first[ref.key]
-                staying = ~entering
+                leaving = first[ref.key] & ~second[ref.key]
+                # the masked path zeroes leaving rows' moments, the snapshot path keeps them
+                staying = ~entering & ~leaving if path == "masked" else ~entering
                 for k, v in opt.state[p].items():
                     if k == "step":
                         continue
                     assert not v[entering].any()  # reentry="reset"
                     assert torch.equal(v[staying], old_state[name][k][staying])
+                    assert path == "snapshot" or not v[leaving].any()
             expected_in = sum(int((second[k] & ~first[k]).sum()) for k in layout)
             assert info["rows_entering"] == expected_in > 0
         _loss(model, step).backward()
@@ -82,8 +87,9 @@ def test_adamw_frozen_rows_bit_identical_with_mask_refresh():
                 assert torch.equal(v[~keep], torch.zeros_like(v[~keep]) + old), (step, name, k)
 
 
+@pytest.mark.parametrize("path", ["masked", "snapshot"])
 @pytest.mark.parametrize("opt_name", ["adamw", "sgd"])
-def test_full_mask_is_bit_identical_to_plain(opt_name):
+def test_full_mask_is_bit_identical_to_plain(opt_name, path):
     plain = tiny_model("qwen3", seed=2)
     masked = copy.deepcopy(plain)
 
@@ -93,7 +99,7 @@ def test_full_mask_is_bit_identical_to_plain(opt_name):
         return torch.optim.SGD(m.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1)
 
     opt_p, opt_m = make(plain), make(masked)
-    guard = RowMaskGuard(masked, MaskSet.full(get_adapter(masked).layout(masked)))
+    guard = RowMaskGuard(masked, MaskSet.full(get_adapter(masked).layout(masked)), exact_path=path)
     for step in range(3):
         for model, opt in ((plain, opt_p), (masked, opt_m)):
             _loss(model, step).backward()
@@ -106,14 +112,15 @@ def test_full_mask_is_bit_identical_to_plain(opt_name):
         assert torch.equal(a, b), n
 
 
+@pytest.mark.parametrize("path", ["masked", "snapshot"])
 @pytest.mark.parametrize("reentry", ["reset", "keep"])
-def test_bias_rows_and_sgd_momentum(reentry):
+def test_bias_rows_and_sgd_momentum(reentry, path):
     model = tiny_model("qwen2", seed=3)
     layout = get_adapter(model).layout(model)
     a = build_masks(None, layout, ratio=0.3, policy="random", seed=1)
     b = build_masks(None, layout, ratio=0.3, policy="random", seed=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
-    guard = RowMaskGuard(model, a, reentry=reentry)
+    guard = RowMaskGuard(model, a, reentry=reentry, exact_path=path)
     bias = model.model.layers[1].self_attn.k_proj.bias
     for step in range(4):
         if step == 2:
@@ -167,7 +174,7 @@ def test_reused_snapshot_buffers_give_the_same_steps():
         model = tiny_model("qwen3", seed=0)
         masks = build_masks(None, get_adapter(model).layout(model), ratio=0.3, policy="random")
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        guard = RowMaskGuard(model, masks, reuse_buffers=reuse)
+        guard = RowMaskGuard(model, masks, reuse_buffers=reuse, exact_path="snapshot")
         assert guard.reuse_buffers is reuse
         ptrs = []
         for step in range(3):
@@ -183,13 +190,14 @@ def test_reused_snapshot_buffers_give_the_same_steps():
     assert RowMaskGuard(tiny_model("qwen3"), masks).reuse_buffers  # CPU default
 
 
-def _offload_round_trip(device: str) -> None:
+def _offload_round_trip(device: str, path: str) -> None:
     """Masks installed while the model is on the CPU (verl offloads it, then installs the
     masks of a resume or a calibration), training on ``device``, offload again: every
     index meets its tensor on that tensor's device, and none stays behind."""
     model = tiny_model("qwen3", seed=0)
     layout = get_adapter(model).layout(model)
-    guard = RowMaskGuard(model, build_masks(None, layout, ratio=0.3, policy="random", version=1))
+    masks = build_masks(None, layout, ratio=0.3, policy="random", version=1)
+    guard = RowMaskGuard(model, masks, exact_path=path)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     for step in range(2):
@@ -216,11 +224,13 @@ def _offload_round_trip(device: str) -> None:
     assert not any(t._on for t in guard.targets)
 
 
-def test_row_indices_follow_their_tensors_across_offload_on_the_cpu():
-    _offload_round_trip("cpu")
+@pytest.mark.parametrize("path", ["masked", "snapshot"])
+def test_row_indices_follow_their_tensors_across_offload_on_the_cpu(path):
+    _offload_round_trip("cpu", path)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_row_indices_follow_their_tensors_across_offload_on_cuda():
-    _offload_round_trip("cuda")
+@pytest.mark.parametrize("path", ["masked", "snapshot"])
+def test_row_indices_follow_their_tensors_across_offload_on_cuda(path):
+    _offload_round_trip("cuda", path)

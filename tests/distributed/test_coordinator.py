@@ -8,7 +8,7 @@ import asyncio
 import pytest
 import torch
 
-from longact.core import MaskSet, QKLayout, QKStats, build_masks, ema
+from longact.core import MaskSet, QKLayout, QKStats, build_masks, ema, merge
 from longact.distributed.coordinator import SaliencyCoordinator
 
 LAYOUT = QKLayout(num_layers=2, head_dim=4, num_attention_heads=4, num_key_value_heads=2)
@@ -192,32 +192,62 @@ def test_async_exchange_returns_the_same_payload_to_every_rank():
     [
         ("mean_abs", ("count", "sum_abs")),
         ("rms", ("count", "sum_abs", "sum_sq")),
-        ("max_abs", ("count", "sum_abs", "max_abs")),
+        ("max_abs", ("count", "max_abs", "sum_abs")),
     ],
 )
 def test_flat_payload_carries_only_the_fields_the_score_needs(score, fields):
     from longact.distributed.coordinator import payload_fields, stats_payload
 
-    assert payload_fields(score) == fields
+    assert payload_fields(score) == fields  # the score's statistics + sum_abs for the metrics
     acts = _activations(3)
     half = [_stats(acts, slice(0, 6)), _stats(acts, slice(6, None))]
     cfg = dict(CONFIG, score=score)
     flat, full = SaliencyCoordinator(cfg, LAYOUT, 2), SaliencyCoordinator(cfg, LAYOUT, 2)
     for r in (1, 0):
         payload = stats_payload(half[r], fields)
-        assert sorted(payload["fields"]) == sorted(fields)
+        assert tuple(sorted(payload["fields"])) == fields
         flat.submit(r, 1, payload)
         full.submit(r, 1, half[r].state_dict())
-    # the same masks as from every field, and the sent fields merged exactly
+    # the same masks as from every field; the running statistics hold the sent fields
+    # only, merged exactly
     assert _masks_equal(flat.masks, full.masks)
+    assert flat.running.fields() == fields
+    assert full.running.fields() == ("count", "max_abs", "sum_abs", "sum_sq")
     whole = _stats(acts)
     for key in whole.keys():
-        for f in ("count", "sum_abs", "sum_sq", "max_abs"):
-            got = getattr(flat.running[key], f)
-            want = getattr(whole[key], f) if f in fields else torch.zeros_like(got)
+        for f in fields:
+            got, want = getattr(flat.running[key], f), getattr(whole[key], f)
             torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12, msg=f"{key} {f}")
     assert flat.history[-1]["metrics"]["longact/mass_kept_q"] == pytest.approx(
         full.history[-1]["metrics"]["longact/mass_kept_q"], rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("form", ["flat", "state_dict"])
+def test_max_statistics_merge_exactly_across_ranks(form):
+    """Three ranks, each holding the largest |x| of some channels (one rank no tokens of
+    a key): the merged max_abs is bit-identical to that of all tokens, in both forms."""
+    from longact.distributed.coordinator import stats_payload
+
+    acts = _activations(5, tokens=9)
+    for i, x in enumerate(acts.values()):
+        x[(3 * i) % 9, i % x.shape[1]] = -50.0 - i  # a negative extreme, on varying ranks
+    rows = [slice(0, 3), slice(3, 6), slice(6, 9)]
+    parts = [_stats(acts, r) for r in rows]
+    parts[2] = _stats({k: v for k, v in acts.items() if k != (1, "k")}, rows[2])
+    coord = SaliencyCoordinator(dict(CONFIG, score="max_abs"), LAYOUT, 3)
+    for r, part in enumerate(parts):
+        sent = stats_payload(part, ("count", "max_abs", "sum_abs"))
+        coord.submit(r, 1, sent if form == "flat" else part.state_dict())
+    whole = merge(*parts)  # rank 2 sent no tokens of (1, "k")
+    everything = _stats(acts)
+    for key in LAYOUT:
+        assert torch.equal(coord.running[key].max_abs, whole[key].max_abs), key
+        assert float(coord.running[key].max_abs.max()) >= 50.0
+        if key != (1, "k"):
+            assert torch.equal(coord.running[key].max_abs, everything[key].max_abs), key
+    assert _masks_equal(
+        coord.masks, build_masks(whole, LAYOUT, ratio=0.25, score="max_abs", version=1)
     )
 
 
@@ -228,10 +258,15 @@ def test_flat_payload_errors_name_the_problem():
     coord = SaliencyCoordinator(dict(CONFIG), LAYOUT, 2)
     coord.submit(0, 1, stats_payload(_stats(acts), ("count", "sum_abs")))
     coord.submit(1, 1, stats_payload(_stats(acts), ("count", "sum_abs", "sum_sq")))
-    assert "different statistics fields" in coord.get(1)["error"]
+    assert "cannot merge statistics fields ['count', 'sum_abs'] with" in coord.get(1)["error"]
     bad = stats_payload(_stats(acts), ("count", "sum_abs"))
     bad["fields"]["sum_abs"] = bad["fields"]["sum_abs"][:-1]
     coord.submit(1, 2, bad)
     assert "'sum_abs' of shape" in coord.get(2)["error"]
     with pytest.raises(ValueError, match="unknown statistics field 'mean'"):
         _stats(acts).to_fields(("count", "mean"))
+    # a rank that sends less than the configured score needs fails the refresh at once
+    rms = SaliencyCoordinator(dict(CONFIG, score="rms"), LAYOUT, 2)
+    assert rms.submit(0, 1, stats_payload(_stats(acts), ("count", "sum_abs"))) is True
+    err = rms.get(1)["error"]
+    assert "statistics lack ['sum_sq']" in err and "'sum_abs', 'sum_sq'" in err

@@ -99,9 +99,7 @@ def test_every_command_block_is_marked():
 
 
 def test_scripts_in_illustrative_blocks_parse():
-    scripts = {
-        w for b in _of("illustrative") for w in re.findall(r"scripts/[\w.]+\.sh", b.text)
-    }
+    scripts = {w for b in _of("illustrative") for w in re.findall(r"scripts/[\w.]+\.sh", b.text)}
     assert scripts, "the GPU check block names its scripts"
     for script in sorted(scripts):
         proc = subprocess.run(["bash", "-n", str(REPO / script)], capture_output=True, text=True)

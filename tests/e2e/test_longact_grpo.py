@@ -10,7 +10,8 @@ the step-3 checkpoint is complete; a second run resumes from it. The checks:
 - the resumed run continues at step 4 with the same mask version and coordinator state;
 - field by field, the LongAct state saved at step 3 (EMA statistics with ``ema=0.5``, the
   refresh history, counters, on both ranks' copies) and the Adam moments of the frozen
-  W_Q/W_K rows in verl's optimizer state are what step 4 continued from;
+  W_Q/W_K rows in verl's optimizer state are what step 4 continued from (zero: verl's
+  AdamW takes the masked exact path, which zeroes the moments of rows leaving the mask);
 - a wandb offline run directory holds the ``longact/*`` metrics.
 """
 
@@ -113,6 +114,8 @@ def test_frozen_rows_bit_identical_each_step(killed_run, tiny_dir):
     assert 0.0 <= metrics[3]["actor/longact/mass_kept_q"] <= 1.0
     for part in ("capture_s", "mask_s", "snapshot_s", "restore_s"):  # where LongAct's time goes
         assert metrics[3][f"actor/longact/{part}"] > 0, part
+    assert metrics[3]["actor/longact/exact_path_snapshot"] == 0.0  # AdamW: the masked path
+    assert metrics[3]["actor/longact/decay_s"] > 0  # its step hook applied the weight decay
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +174,9 @@ def test_resume_restores_the_whole_longact_state(killed_run, resumed_run, tiny_d
         assert torch.equal(before[~keep], m4[(name, key)][~keep]), f"{name} {key}: frozen moved"
         assert not torch.equal(before[keep], m4[(name, key)][keep]), f"{name} {key}: still"
         nonzero_frozen += int((before[~keep] != 0).any(dim=1).sum())
-    # rows that left the mask at step 3 carry their moments: the check above is not vacuous
-    assert nonzero_frozen > 0
+    # the masked exact path zeroed the moments of the rows that left the mask at step 3
+    # (the snapshot path keeps them frozen, non-zero): frozen rows hold no moments
+    assert nonzero_frozen == 0
 
 
 def test_wandb_offline_has_longact_metrics(killed_run):

@@ -76,3 +76,78 @@ def test_async_refresh_installs_masks_one_step_later(tmp_path):
     assert rt.version == 4
     state = torch.load(state_path(tmp_path, 0), weights_only=False)
     assert state["version"] == 4 and state["coordinator"]["version"] == 4
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "rmsprop"])
+def test_exact_path_metric_and_resume_zeroes_frozen_moments(tmp_path, optimizer):
+    """AdamW takes the masked exact path (longact/exact_path_snapshot 0.0, its weight
+    decay applied in the step hook), RMSprop the snapshot path (1.0). A resume into an
+    optimizer whose frozen rows carry moments (a plain verl checkpoint, or one written
+    by the snapshot path) zeroes them on the masked path and leaves them on the other."""
+
+    def make(model):
+        if optimizer == "adamw":
+            return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        return torch.optim.RMSprop(model.parameters(), lr=1e-3, momentum=0.9)
+
+    masked = optimizer == "adamw"
+    model = tiny_model("qwen3", seed=0)
+    opt = make(model)
+    layout = get_adapter(model).layout(model)
+    rt = LongActRuntime(model, opt, CFG, coordinator=SaliencyCoordinator(CFG, layout, 1))
+    for step in range(1, 4):
+        runtime_step(rt, model, opt, step)
+        m = rt.pop_metrics()
+        assert m["longact/exact_path_snapshot"] == (0.0 if masked else 1.0)
+        assert (m["longact/decay_s"] > 0) == masked
+    rt.save(str(tmp_path))
+    assert torch.load(state_path(tmp_path, 0), weights_only=False)["guard"] == {"stash": {}}
+
+    model2 = tiny_model("qwen3", seed=0)
+    opt2 = make(model2)
+    for step in range(2):  # plain training: moments in every row
+        ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(step))
+        model2(input_ids=ids, labels=ids).loss.backward()
+        opt2.step()
+        opt2.zero_grad()
+    coord2 = SaliencyCoordinator(CFG, layout, 1)
+    rt2 = LongActRuntime(model2, opt2, CFG, coordinator=coord2)
+    rt2.load(str(tmp_path))
+    assert rt2.version == rt.version and rt2.guard.path == rt.guard.path
+    for t in rt2.guard.targets:
+        frozen = ~rt2.guard.masks[t.ref.key]
+        assert frozen.any()
+        for k, v in opt2.state[t.param].items():
+            if k != "step":
+                assert (not v[frozen].any()) == masked, (t.name, k)
+
+
+def test_resume_from_a_plain_checkpoint_starts_longact_fresh(tmp_path, capsys):
+    """A checkpoint folder with no LongAct state (plain RL, LongAct turned on at resume):
+    LongAct starts as a new run. The first masks come at the next optimizer step, the
+    moments plain training left in the rows they freeze are zeroed, and those rows then
+    stay bit-identical while the trainable rows move."""
+    model = tiny_model("qwen3", seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for step in range(2):  # plain training: moments in every row
+        ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(step))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    layout = get_adapter(model).layout(model)
+    rt = LongActRuntime(model, opt, CFG, coordinator=SaliencyCoordinator(CFG, layout, 1))
+    rt.load(str(tmp_path))  # verl's checkpoint folder, without longact_state_rank0.pt
+    assert "no LongAct state" in capsys.readouterr().out
+    assert rt.version == 0 and rt.step == 0
+    for step in range(1, 4):
+        before = {k: v.detach().clone() for k, v in model.named_parameters()}
+        runtime_step(rt, model, opt, step)
+        assert rt.version == (1 if step < 3 else 2)
+        for t in rt.guard.targets:
+            frozen = ~rt.guard.masks[t.ref.key]
+            after = t.param.detach()
+            assert torch.equal(after[frozen], before[t.name][frozen]), (step, t.name)
+            assert not torch.equal(after[~frozen], before[t.name][~frozen]), (step, t.name)
+            for k, v in opt.state[t.param].items():
+                if k != "step":
+                    assert not v[frozen].any(), (step, t.name, k)
