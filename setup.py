@@ -83,7 +83,11 @@ setup(
         "longact.recipes": "recipes",
         "longact.hydra_configs": "hydra_configs",
     },
-    package_data={"longact.recipes": ["*.yaml"], "longact.hydra_configs": ["*.yaml", "**/*.yaml"]},
+    package_data={
+        "longact.recipes": ["*.yaml"],
+        "longact.hydra_configs": ["*.yaml", "**/*.yaml"],
+        "longact.demo": ["*.md"],
+    },
     install_requires=package_requirements(),
     extras_require={"gpu": read_requirements("gpu.txt"), "dev": read_requirements("dev.txt")},
     entry_points={

@@ -1,261 +1,228 @@
-"""``make reproduce``: LongAct against plain DAPO and two ablation masks, with seeds.
+"""``make reproduce``: LongAct against plain RL and ablation masks, paired over seeds.
 
-From the demo's warm-up model (stages shared with ``make demo`` under ``--shared``),
-every arm gets the same RL budget, data and seeds:
+The grid (``reproduce:`` in ``hydra_configs/demo.yaml``), every run started from the same
+warm-up model, with the same data order and budget per seed:
 
-- ``longact_topk``  LongAct: top-30% Q/K channels trainable (the method);
-- ``full``          plain DAPO (LongAct off: every parameter updates);
-- ``random``        30% of channels chosen at random (seeded);
-- ``bottomk``       the 30% lowest-magnitude channels.
+- ``topk``        LongAct, top-30% Q/K channels, masks refreshed during RL (the method);
+- ``topk_fixed``  top-30% chosen once by a calibration pass, then fixed (profile first);
+- ``plain``       plain RL, every parameter updates (the reference of the paired analysis);
+- ``random``      30% of channels at random (seeded); ``bottomk``: the 30% lowest.
 
-Each (arm, seed) run is a cached stage: an interrupted experiment resumes where it
-stopped and keeps finished runs. Every final model is evaluated at the training length
-and at held-out longer lengths. The report gives mean and a 95% confidence interval
-(t distribution over seeds) per arm and length, and a verdict per length from Welch's
-t-test of LongAct against plain DAPO: won / lost when the 95% interval of the difference
-excludes zero, tied otherwise. Whatever the result, it is reported as measured.
+GRPO runs all five (6 seeds for ``topk`` and ``plain``, 3 for the others); DAPO runs
+``topk`` against ``plain`` (3 seeds). RL trains at twice the warm-up's longest context;
+each final model is evaluated at 1x-4x that length on the training task and on a task
+it was not trained on.
+
+Resumable across machines: each finished run leaves one small JSON (accuracy by task
+and length, reward per step, mask drift; no weights) in ``docs/reproduce/runs/``, meant
+to be committed as it lands. A rerun skips every run whose JSON carries the current
+experiment key, so ``make reproduce`` on any machine finishes the grid; ``--max-runs``
+runs a slice. The report (``longact.demo.reproduce_report``) is rebuilt from whatever
+runs exist and says how many it rests on. Weights and logs stay in ``--out``.
+
+A run that changes nothing the results depend on (the grid's seeds and arms lists) keeps
+its key; any other change of settings gives a new key, and the runs of the old key are
+listed as stale, not mixed in. The warm-up model's hash is recorded in every run: runs
+resumed on another machine whose warm-up came out different are flagged in the report.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import math
-import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from longact.demo.pipeline import (
-    _say,
-    load_config,
-    sft_key,
-    shared_stages,
-    stage_eval,
-    stage_rl,
-)
-from longact.demo.runner import Stages
+from longact.demo.pipeline import _say, load_config, shared_stages, stage_rl
+from longact.demo.runner import Stages, config_hash
+
+RESULTS = Path("docs/reproduce")  # committed: runs/*.json, plots, and the report beside it
 
 
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularized incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        for num in (
-            m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-            -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1)),
-        ):
-            d = 1.0 + num * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + num / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
+@dataclass(frozen=True)
+class Run:
+    algo: str  # grpo | dapo
+    arm: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.algo}_{self.arm}_seed{self.seed}"
 
 
-def _betainc(a: float, b: float, x: float) -> float:
-    """I_x(a, b), the regularized incomplete beta function, for 0 <= x <= 1."""
-    if x <= 0.0 or x >= 1.0:
-        return 0.0 if x <= 0.0 else 1.0
-    lbeta = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-    front = math.exp(lbeta + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def t_cdf(t: float, df: float) -> float:
-    """P(T <= t) for Student's t with ``df`` (> 0, not necessarily whole) degrees of freedom."""
-    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
-    return 1.0 - tail if t >= 0 else tail
-
-
-def t_quantile(p: float, df: float) -> float:
-    """The ``p`` quantile of Student's t (bisection on :func:`t_cdf`, to 1e-12)."""
-    if not (0.0 < p < 1.0) or not df > 0:
-        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
-    if p < 0.5:
-        return -t_quantile(1.0 - p, df)
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2.0
-    for _ in range(200):
-        mid = (lo + hi) / 2.0
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-        if hi - lo < 1e-12:
-            break
-    return (lo + hi) / 2.0
-
-
-def t975(df: float) -> float:
-    """Two-sided 95% critical value of Student's t (exact, any df > 0)."""
-    return t_quantile(0.975, df)
-
-
-def mean_ci(xs: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% confidence interval."""
-    m = statistics.fmean(xs)
-    if len(xs) < 2:
-        return m, float("nan")
-    return m, t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
-
-
-def welch(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Difference of means (a - b) and the half-width of its 95% Welch interval.
-
-    The half-width is NaN (no verdict) with fewer than 2 seeds in an arm, or when both
-    arms have no spread but different means (no interval can be formed); two identical
-    constant arms give 0 (a tie)."""
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    if len(a) < 2 or len(b) < 2:
-        return diff, float("nan")
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    se = math.sqrt(va + vb)
-    if se == 0:
-        return diff, (0.0 if diff == 0 else float("nan"))
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    return diff, t975(df) * se
-
-
-def verdict(diff: float, half: float) -> str:
-    if math.isnan(half):
-        return "n/a"
-    if diff - half > 0:
-        return "LongAct won"
-    if diff + half < 0:
-        return "LongAct lost"
-    return "tied"
-
-
-def run(shared: Path, out: Path, cfg: dict) -> dict:
+def plan(cfg: dict) -> list[Run]:
+    """Every run of the grid, seed by seed, so that early results come in complete pairs."""
     rep = cfg["reproduce"]
-    _, data_dir, sft_model = shared_stages(Stages(shared, log=_say), cfg)
-
-    st = Stages(out, log=_say)
-    ev_cfg = {**cfg, "eval": {"lengths": rep["eval_lengths"], "samples": rep["eval_samples"]}}
-    st.run("eval_sft", [ev_cfg["eval"], sft_key(cfg)], lambda d: stage_eval(ev_cfg, sft_model, d))
-    results: dict[str, dict[int, dict[int, float]]] = {}
-    for arm, arm_overrides in rep["arms"].items():
-        for seed in rep["seeds"]:
-            name = f"{arm}_seed{seed}"
-            rl_cfg = dict(cfg["rl"])
-            rl_cfg.update(steps=rep["steps"], test_freq=-1)
-            rl_cfg["overrides"] = [
-                *cfg["rl"]["overrides"],
-                *arm_overrides,
-                f"data.seed={seed}",
-                f"actor_rollout_ref.rollout.seed={seed}",
-                f"actor_rollout_ref.actor.data_loader_seed={seed}",
-                f"longact.seed={seed}",
-                "trainer.val_before_train=false",
-            ]
-            run_cfg = {**cfg, "rl": rl_cfg}
-            _say(f"== {name} ==")
-            rl = st.run(
-                f"rl_{name}",
-                [rl_cfg, sft_key(cfg)],
-                lambda d, c=run_cfg: stage_rl(c, sft_model, data_dir, d),
-            )
-            model = st.dir(f"rl_{name}") / rl["model"]
-            ev = st.run(
-                f"eval_{name}",
-                [ev_cfg["eval"], rl_cfg],
-                lambda d, m=model: stage_eval(ev_cfg, m, d),
-            )
-            results.setdefault(arm, {})[seed] = {int(k): v for k, v in ev["accuracy"].items()}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    return results
+    unknown = {a for g in rep["grid"] for a in g["arms"]} - set(rep["arms"])
+    if unknown:
+        raise ValueError(f"grid arms {sorted(unknown)} are not in reproduce.arms")
+    seeds = sorted({s for g in rep["grid"] for s in g["seeds"]})
+    return [
+        Run(g["algo"], arm, seed)
+        for seed in seeds
+        for g in rep["grid"]
+        for arm in g["arms"]
+        if seed in g["seeds"]
+    ]
 
 
-def write_report(
-    results: dict, cfg: dict, out: Path, report: Path, seconds: float, baseline: dict | None = None
-) -> None:
+def experiment_cfg(cfg: dict) -> dict:
+    """The demo config with the reproduction's warm-up and RL settings applied."""
     rep = cfg["reproduce"]
-    lengths = rep["eval_lengths"]
-    train_len = cfg["rl"]["train_length"]
-    lines = [
-        "# Reproduction at tiny scale: LongAct vs plain DAPO and ablation masks",
-        "",
-        f"Run on {time.strftime('%Y-%m-%d')} with `make reproduce` "
-        f"({seconds / 60:.0f} min on a 2-core CPU). Model: tiny Qwen3 `{cfg['model']['size']}` "
-        f"after the demo's supervised warm-up (contexts {cfg['sft']['lengths']}); task "
-        f"`{cfg['task']['name']}` {cfg['task']['options']}; DAPO for {rep['steps']} steps at "
-        f"{train_len} tokens, identical data, budget and seeds {rep['seeds']} for every arm; "
-        f"greedy accuracy on {rep['eval_samples']} held-out prompts per length.",
-        "",
-        "Accuracy, mean over seeds ± 95% confidence interval (t distribution):",
-        "",
-        "| arm | "
-        + " | ".join(f"{n}{' (train)' if n == train_len else ''}" for n in lengths)
-        + " |",
-        "|---|" + "---:|" * len(lengths),
-    ]
-    if baseline:
-        lines.append(
-            "| warm-up only (before RL) | "
-            + " | ".join(f"{baseline.get(n, float('nan')):.3f}" for n in lengths)
-            + " |"
-        )
-    for arm, by_seed in results.items():
-        cells = []
-        for n in lengths:
-            m, h = mean_ci([by_seed[s][n] for s in sorted(by_seed)])
-            cells.append(f"{m:.3f} ± {h:.3f}")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", "LongAct (top-k 0.3) minus plain DAPO (full), Welch 95% interval:", ""]
-    lines += ["| length | difference | verdict |", "|---:|---:|---|"]
-    verdicts = []
-    if "longact_topk" in results and "full" in results:
-        for n in lengths:
-            a = [results["longact_topk"][s][n] for s in results["longact_topk"]]
-            b = [results["full"][s][n] for s in results["full"]]
-            d, h = welch(a, b)
-            v = verdict(d, h)
-            verdicts.append(v)
-            lines.append(f"| {n} | {d:+.3f} ± {h:.3f} | {v} |")
-    wins, losses = verdicts.count("LongAct won"), verdicts.count("LongAct lost")
-    summary = (
-        f"LongAct won at {wins}, lost at {losses} and tied at "
-        f"{len(verdicts) - wins - losses} of {len(verdicts)} lengths against plain DAPO."
-    )
-    lines += [
-        "",
-        f"**{summary}**",
-        "",
-        "Per-seed accuracies: `results.json` in the run folder.",
-        "",
-    ]
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text("\n".join(lines))
-    _say(summary)
+    out = {**cfg, "sft": {**cfg["sft"], **rep["sft"]}}
+    out["rl"] = {
+        **cfg["rl"],
+        "train_length": rep["rl_length"],
+        "train_samples": rep["train_samples"],
+        "steps": rep["steps"],
+        "test_freq": -1,
+    }
+    return out
 
 
-def baseline(out: Path) -> dict[int, float]:
-    """Accuracy of the warm-up model by length (the eval_sft stage of the run folder)."""
-    meta = json.loads((Path(out) / "eval_sft" / "stage.json").read_text())
-    return {int(k): v for k, v in meta["result"]["accuracy"].items()}
+def experiment_key(cfg: dict) -> str:
+    """What every run's result depends on, beyond its own (algo, arm, seed)."""
+    rep = {k: v for k, v in cfg["reproduce"].items() if k != "grid"}
+    return config_hash([rep, cfg["model"], cfg["task"], cfg["sft"], cfg["rl"]["overrides"]])
+
+
+def run_overrides(cfg: dict, run: Run, data_dir: Path) -> list[str]:
+    arm = [
+        o.replace("{calibration_data}", str(data_dir / "rl_train.parquet"))
+        for o in cfg["reproduce"]["arms"][run.arm]
+    ]
+    return [
+        *cfg["rl"]["overrides"],
+        *arm,
+        f"data.seed={run.seed}",
+        f"actor_rollout_ref.rollout.seed={run.seed}",
+        f"actor_rollout_ref.actor.data_loader_seed={run.seed}",
+        f"longact.seed={run.seed}",
+        "trainer.val_before_train=false",
+    ]
+
+
+def evaluate_model(cfg: dict, model: Path, out: Path, lengths: list[int]) -> dict:
+    """{task: {length: accuracy}} on every evaluation task (held-out prompts, seed 4)."""
+    from longact.eval.runner import evaluate
+
+    ev = cfg["reproduce"]["eval"]
+    acc: dict[str, dict[int, float]] = {}
+    for task, opts in ev["tasks"].items():
+        res = evaluate(
+            model, [task], lengths, ev["samples"], out_dir=out / task, seed=4,
+            max_new_tokens=8, task_opts=opts, progress=False,
+        )  # fmt: skip
+        acc[task] = {int(r["length"]): float(r["accuracy"]) for r in res["summary"]}
+    return acc
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def _series(metrics: dict, *keys: str) -> dict[int, float]:
+    """{step: mean of ``keys``} over the steps that logged all of them."""
+    out = {}
+    for step, m in metrics.items():
+        if all(k in m for k in keys):
+            out[int(step)] = sum(m[k] for k in keys) / len(keys)
+    return out
+
+
+def run_one(cfg: dict, run: Run, sft_model: Path, data_dir: Path, work: Path) -> dict:
+    """Train and evaluate one run; the record its JSON holds."""
+    rl_cfg = {**cfg["rl"], "recipe": cfg["reproduce"]["recipes"][run.algo]}
+    rl_cfg["overrides"] = run_overrides(cfg, run, data_dir)
+    st = Stages(work, log=_say)
+    rl = st.run(run.name, [rl_cfg, config_hash(cfg["sft"])], lambda d: stage_rl(
+        {**cfg, "rl": rl_cfg}, sft_model, data_dir, d))  # fmt: skip
+    metrics = json.loads((st.dir(run.name) / "metrics.json").read_text())
+    model = st.dir(run.name) / rl["model"]
+    acc = evaluate_model(cfg, model, work / f"{run.name}_eval", cfg["reproduce"]["eval"]["lengths"])
+    return {
+        "run": run.name, "algo": run.algo, "arm": run.arm, "seed": run.seed,
+        "accuracy": acc,
+        "reward": _series(metrics, "critic/score/mean"),
+        "jaccard_first": _series(
+            metrics, "actor/longact/jaccard_first_q", "actor/longact/jaccard_first_k"),
+        "mass_kept": _series(metrics, "actor/longact/mass_kept_q", "actor/longact/mass_kept_k"),
+        "rl_seconds": rl["seconds"],
+    }  # fmt: skip
+
+
+def load_runs(results: Path, key: str) -> tuple[dict[str, dict], list[str]]:
+    """Finished runs of experiment ``key`` by name, and the names of stale ones."""
+    current, stale = {}, []
+    for f in sorted((results / "runs").glob("*.json")):
+        if f.stem == "warmup":
+            continue
+        rec = json.loads(f.read_text())
+        if rec.get("key") == key:
+            current[f.stem] = rec
+        else:
+            stale.append(f.stem)
+    return current, stale
+
+
+def _write(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def run_grid(cfg: dict, work: Path, results: Path, max_runs: int | None) -> int:
+    """Run what is missing (at most ``max_runs``); the number of runs done now."""
+    key = experiment_key(cfg)
+    todo = [r for r in plan(cfg) if r.name not in load_runs(results, key)[0]]
+    _say(f"reproduce: {len(plan(cfg)) - len(todo)} of {len(plan(cfg))} runs done (key {key})")
+    if not todo:
+        return 0
+    _, data_dir, sft_model = shared_stages(Stages(work / "shared", log=_say), cfg)
+    warm = results / "runs" / "warmup.json"
+    if not warm.is_file() or json.loads(warm.read_text()).get("key") != key:
+        lengths = sorted({*cfg["sft"]["lengths"], *cfg["reproduce"]["eval"]["lengths"]})
+        acc = evaluate_model(cfg, sft_model, work / "warmup_eval", lengths)
+        record = {"key": key, "accuracy": acc, "warmup_sha": _sha(sft_model / "model.safetensors")}
+        _write(warm, record)
+        _say(f"warm-up accuracy: {acc}")
+    sha = _sha(sft_model / "model.safetensors")
+    done = 0
+    for run in todo[:max_runs]:
+        _say(f"== {run.name} ({done + 1} of {min(len(todo), max_runs or len(todo))}) ==")
+        t0 = time.time()
+        record = run_one(cfg, run, sft_model, data_dir, work)
+        record.update(key=key, warmup_sha=sha, seconds=time.time() - t0,
+                      date=time.strftime("%Y-%m-%d"))  # fmt: skip
+        _write(results / "runs" / f"{run.name}.json", record)
+        done += 1
+    return done
 
 
 def main(argv: list[str] | None = None) -> int:
+    from longact.demo.reproduce_report import write_report
+
     p = argparse.ArgumentParser(
         prog="python -m longact.demo.reproduce", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--out", default="runs/reproduce", help="run folder (resumable)")
-    p.add_argument("--shared", default="runs/demo", help="folder of the demo's shared stages")
+    p.add_argument("--out", default="runs/reproduce", help="work folder: weights, logs")
+    p.add_argument("--results", default=str(RESULTS), help="per-run JSON and plots (commit)")
     p.add_argument("--report", default="docs/reproduce.md", help="where the report goes")
+    p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report, run nothing")
     p.add_argument("overrides", nargs="*", help="demo.yaml overrides, e.g. reproduce.steps=40")
     args = p.parse_args(argv)
-    cfg = load_config(args.overrides)
-    t0 = time.time()
-    results = run(Path(args.shared).resolve(), Path(args.out).resolve(), cfg)
-    write_report(
-        results, cfg, Path(args.out), Path(args.report), time.time() - t0, baseline(Path(args.out))
-    )
+    if args.max_runs is not None and args.max_runs < 0:
+        p.error(f"--max-runs={args.max_runs} must be >= 0")
+    cfg = experiment_cfg(load_config(args.overrides))
+    results = Path(args.results)
+    if not args.report_only:
+        run_grid(cfg, Path(args.out).resolve(), results, args.max_runs)
+    write_report(cfg, results, Path(args.report), experiment_key(cfg), plan(cfg))
     return 0
 
 

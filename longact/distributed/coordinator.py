@@ -86,6 +86,7 @@ class SaliencyCoordinator:
         self.world_size = world_size
         self.version = 0
         self.masks: MaskSet | None = None
+        self.first_masks: MaskSet | None = None  # drift is measured from it (a metric)
         self.running: QKStats | None = None  # statistics after EMA, across refreshes
         self.history: list[dict[str, Any]] = []
         self.nonfinite_refreshes = 0
@@ -296,6 +297,8 @@ class SaliencyCoordinator:
             seed=int(cfg.seed),
             version=self.version,
         )
+        if self.first_masks is None:
+            self.first_masks = new
         metrics = self._metrics(new, step)
         # real tokens behind this refresh, over all ranks (every key sees every token)
         metrics["longact/window_tokens"] = window.token_count(min(window.keys()))
@@ -312,11 +315,14 @@ class SaliencyCoordinator:
         return all(k in window and window.token_count(k) > 0 for k in self.running.keys())
 
     def _metrics(self, new: MaskSet, step: int) -> dict[str, float]:
-        """Kept fraction, overlap with the previous mask and |x| mass kept, per projection."""
+        """Kept fraction, |x| mass kept, and overlap (Jaccard) with the previous mask and
+        with the run's first mask (after a coordinator recovery: the first one since),
+        per projection."""
         out: dict[str, float] = {"longact/version": float(self.version), "longact/step": step}
         kept = new.kept_fraction(per_key=True)
         mass = new.mass_kept(self.running, score=MASS_SCORE, per_key=True)
         jac = new.jaccard(self.masks, per_key=True) if self.masks is not None else None
+        first = new.jaccard(self.first_masks, per_key=True)  # mask drift since the first
         for proj in ("q", "k"):
             keys = [k for k in new.keys() if k[1] == proj]
             if not keys:
@@ -325,6 +331,7 @@ class SaliencyCoordinator:
             out[f"longact/mass_kept_{proj}"] = sum(mass[k] for k in keys) / len(keys)
             if jac is not None:
                 out[f"longact/jaccard_prev_{proj}"] = sum(jac[k] for k in keys) / len(keys)
+            out[f"longact/jaccard_first_{proj}"] = sum(first[k] for k in keys) / len(keys)
         return out
 
     # ---- checkpointing ----------------------------------------------------------------
@@ -334,6 +341,7 @@ class SaliencyCoordinator:
             "world_size": self.world_size,
             "version": self.version,
             "masks": None if self.masks is None else self.masks.state_dict(),
+            "first_masks": None if self.first_masks is None else self.first_masks.state_dict(),
             "running": None if self.running is None else self.running.state_dict(),
             "history": list(self.history),
             "nonfinite_refreshes": self.nonfinite_refreshes,
@@ -342,6 +350,8 @@ class SaliencyCoordinator:
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.version = int(sd["version"])
         self.masks = None if sd["masks"] is None else MaskSet.from_state_dict(sd["masks"])
+        first = sd.get("first_masks")  # absent in checkpoints of older versions
+        self.first_masks = None if first is None else MaskSet.from_state_dict(first)
         self.running = None if sd["running"] is None else QKStats.from_state_dict(sd["running"])
         self.history = list(sd.get("history", []))
         self.nonfinite_refreshes = int(sd.get("nonfinite_refreshes", 0))

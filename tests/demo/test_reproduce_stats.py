@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from longact.demo.reproduce import mean_ci, verdict, welch
+from longact.demo.stats import mean_ci, verdict, welch
 
 
 def test_mean_ci_three_seeds():
@@ -57,13 +57,13 @@ def test_welch_identical_constant_arms_tie():
     ],
 )
 def test_t_quantile_matches_the_tables(df, expected):
-    from longact.demo.reproduce import t975
+    from longact.demo.stats import t975
 
     assert t975(df) == pytest.approx(expected, abs=5e-4)
 
 
 def test_t_quantile_for_welch_fractional_df_and_symmetry():
-    from longact.demo.reproduce import t_cdf, t_quantile
+    from longact.demo.stats import t_cdf, t_quantile
 
     q = t_quantile(0.975, 7.5)  # between t(7) = 2.365 and t(8) = 2.306
     assert 2.306 < q < 2.365 and t_cdf(q, 7.5) == pytest.approx(0.975, abs=1e-10)

@@ -270,3 +270,23 @@ def test_flat_payload_errors_name_the_problem():
     assert rms.submit(0, 1, stats_payload(_stats(acts), ("count", "sum_abs"))) is True
     err = rms.get(1)["error"]
     assert "statistics lack ['sum_sq']" in err and "'sum_abs', 'sum_sq'" in err
+
+
+def test_mask_drift_from_the_first_mask():
+    """``jaccard_first_*``: 1 at the first refresh, then the overlap with that first mask
+    (not with the previous one); the first mask survives a checkpoint round trip."""
+    coord = SaliencyCoordinator(dict(CONFIG), LAYOUT, world_size=2)
+    first = _refresh(coord, 1, _activations(0))["metrics"]
+    assert first["longact/jaccard_first_q"] == 1.0 and first["longact/jaccard_first_k"] == 1.0
+    v1 = coord.masks
+    for step, seed in ((2, 1), (3, 2)):
+        m = _refresh(coord, step, _activations(seed))["metrics"]
+        for proj in ("q", "k"):
+            keys = [k for k in coord.masks.keys() if k[1] == proj]
+            per_key = coord.masks.jaccard(v1, per_key=True)
+            want = sum(per_key[k] for k in keys) / len(keys)
+            assert m[f"longact/jaccard_first_{proj}"] == pytest.approx(want)
+    assert m["longact/jaccard_first_q"] < 1.0  # other statistics picked other channels
+    again = SaliencyCoordinator(dict(CONFIG), LAYOUT, world_size=2)
+    again.load_state_dict(coord.state_dict())
+    assert _masks_equal(again.first_masks, v1)

@@ -1,6 +1,8 @@
-"""The README's command blocks run as pasted, or are checked the way their marker says.
+"""The docs' command blocks run as pasted, or are checked the way their marker says.
 
-Every ```bash block of README.md carries a marker on the line above it:
+Every ```bash block of README.md, and of the paper-scale section that ``make reproduce``
+puts in docs/reproduce.md (``longact/demo/paper_scale.md``), carries a marker on the
+line above it:
 
 - ``<!-- readme: run -->``: run as is by bash (``set -euo pipefail``) in a scratch folder
   whose ``.venv`` is this test's virtualenv;
@@ -30,17 +32,22 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-README = REPO / "README.md"
+DOCS = [REPO / "README.md", REPO / "longact" / "demo" / "paper_scale.md"]
 BIN = Path(sys.executable).parent
 MARK_RE = re.compile(r"<!-- readme: (run|cfg-job|dry-run|illustrative)(.*?)-->")
 
 
 @dataclass
 class Block:
+    doc: str
     kind: str
     note: str
     text: str
     line: int  # of the opening fence
+
+    @property
+    def where(self) -> str:
+        return f"{self.doc}:{self.line}"
 
     def commands(self) -> list[str]:
         """Commands with their continuation lines joined, comments dropped."""
@@ -53,8 +60,8 @@ class Block:
         return out
 
 
-def readme_blocks() -> list[Block]:
-    lines = README.read_text().splitlines()
+def doc_blocks(doc: Path) -> list[Block]:
+    lines = doc.read_text().splitlines()
     blocks, i = [], 0
     while i < len(lines):
         if lines[i].startswith("```bash"):
@@ -66,13 +73,14 @@ def readme_blocks() -> list[Block]:
                 k -= 1
             m = MARK_RE.search(lines[k]) if k >= 0 else None
             kind, note = (m.group(1), m.group(2).strip()) if m else ("", "")
-            blocks.append(Block(kind, note, "\n".join(lines[i + 1 : j]), i + 1))
+            text = "\n".join(lines[i + 1 : j])
+            blocks.append(Block(doc.name, kind, note, text, i + 1))
             i = j
         i += 1
     return blocks
 
 
-BLOCKS = readme_blocks()
+BLOCKS = [b for doc in DOCS for b in doc_blocks(doc)]
 
 
 def _of(kind: str) -> list[Block]:
@@ -90,11 +98,11 @@ def _env() -> dict[str, str]:
 def test_every_command_block_is_marked():
     assert len(BLOCKS) >= 10
     for b in BLOCKS:
-        assert b.kind, f"README.md:{b.line}: a bash block without a `<!-- readme: ... -->` marker"
+        assert b.kind, f"{b.where}: a bash block without a `<!-- readme: ... -->` marker"
         if b.kind == "illustrative":
             m = re.search(r"checked by (\S+)", b.note)
-            assert m, f"README.md:{b.line}: an illustrative block must say what checks it"
-            assert (REPO / m.group(1)).exists(), f"README.md:{b.line}: {m.group(1)} is missing"
+            assert m, f"{b.where}: an illustrative block must say what checks it"
+            assert (REPO / m.group(1)).exists(), f"{b.where}: {m.group(1)} is missing"
     assert _of("run") and _of("cfg-job") and _of("dry-run")
 
 
@@ -114,7 +122,7 @@ def _train_part(cmd: str) -> list[str] | None:
     return words[words.index("longact-train") :]
 
 
-@pytest.mark.parametrize("block", _of("cfg-job"), ids=lambda b: f"line{b.line}")
+@pytest.mark.parametrize("block", _of("cfg-job"), ids=lambda b: b.where)
 def test_cluster_commands_compose(block):
     found = 0
     for cmd in block.commands():
@@ -128,13 +136,13 @@ def test_cluster_commands_compose(block):
             [str(BIN / args[0]), *args[1:]],
             capture_output=True, text=True, env=_env(), timeout=120, cwd=REPO,
         )  # fmt: skip
-        assert proc.returncode == 0, f"README.md:{block.line}: {cmd}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, f"{block.where}: {cmd}\n{proc.stderr[-3000:]}"
         assert "actor_rollout_ref:" in proc.stdout and "longact:" in proc.stdout
         found += 1
-    assert found, f"README.md:{block.line}: no longact-train command"
+    assert found, f"{block.where}: no longact-train command"
 
 
-@pytest.mark.parametrize("block", _of("dry-run"), ids=lambda b: f"line{b.line}")
+@pytest.mark.parametrize("block", _of("dry-run"), ids=lambda b: b.where)
 def test_submit_commands_build_their_job(block):
     found = 0
     for cmd in block.commands():
@@ -149,15 +157,15 @@ def test_submit_commands_build_their_job(block):
             continue
         args = [str(BIN / "longact"), "submit", "--dry-run", *words[2:]]
         proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
-        assert proc.returncode == 0, f"README.md:{block.line}: {cmd}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == 0, f"{block.where}: {cmd}\n{proc.stderr[-3000:]}"
         assert '"entrypoint": "' in proc.stdout and "longact-train" in proc.stdout
         found += 1
-    assert found, f"README.md:{block.line}: no longact submit command"
+    assert found, f"{block.where}: no longact submit command"
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-@pytest.mark.parametrize("block", _of("run"), ids=lambda b: f"line{b.line}")
+@pytest.mark.parametrize("block", _of("run"), ids=lambda b: b.where)
 def test_run_blocks_run_as_pasted(block, tmp_path):
     (tmp_path / ".venv").symlink_to(Path(sys.prefix))
     log = tmp_path / "block.log"
@@ -167,7 +175,7 @@ def test_run_blocks_run_as_pasted(block, tmp_path):
             stdout=f, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path, timeout=1400,
         )  # fmt: skip
     out = log.read_text(errors="replace")
-    assert proc.returncode == 0, f"README.md:{block.line} exited {proc.returncode}:\n{out[-6000:]}"
+    assert proc.returncode == 0, f"{block.where} exited {proc.returncode}:\n{out[-6000:]}"
     if "longact-train" in block.text:
         # the compact console: one line per step, no verl metric dict
         steps = re.findall(r"^step (\d+)/(\d+) ", out, flags=re.M)

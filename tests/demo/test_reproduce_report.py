@@ -1,0 +1,118 @@
+"""The reproduction's paired analysis and its report, on known data (no training).
+
+The grid is the real one from ``hydra_configs/demo.yaml``; the runs are written by hand
+as the runner would write them, for part of the grid, so the report must say how many
+runs it rests on and compute the paired intervals a textbook gives.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from longact.demo.pipeline import load_config
+from longact.demo.reproduce import experiment_cfg, experiment_key, load_runs, plan
+from longact.demo.reproduce_report import analysis, write_report
+from longact.demo.stats import paired, pooled_paired
+
+T2 = 4.303  # two-sided 95% t, df 2 (printed tables)
+
+
+def test_paired_interval_is_the_textbook_one():
+    # differences 0.1, 0.2, 0.3: mean 0.2, sd 0.1, df 2
+    iv = paired({1: 0.6, 2: 0.7, 3: 0.9}, {1: 0.5, 2: 0.5, 3: 0.6})
+    assert iv.n == 3 and iv.mean == pytest.approx(0.2)
+    assert iv.half == pytest.approx(T2 * 0.1 / math.sqrt(3), rel=1e-3)
+    assert iv.verdict() == "tied"  # 0.2 - 0.248 < 0
+    close = paired({1: 0.7, 2: 0.71, 3: 0.72}, {1: 0.5, 2: 0.5, 3: 0.5})  # sd 0.01
+    assert close.verdict() == "better"
+    assert paired({1: 0.5, 2: 0.5, 3: 0.5}, {1: 0.7, 2: 0.71, 3: 0.72}).verdict() == "worse"
+    # only the seeds both arms have are paired
+    assert paired({1: 0.5, 4: 0.9}, {1: 0.4, 2: 0.1}).n == 1
+
+
+def test_pairing_removes_the_shared_seed_spread():
+    # the seeds differ a lot, the arms by exactly 0.05 on every seed: an unpaired
+    # interval would swallow the difference, the paired one is a point at 0.05
+    ref = {1: 0.2, 2: 0.5, 3: 0.8}
+    iv = paired({s: v + 0.05 for s, v in ref.items()}, ref)
+    assert iv.mean == pytest.approx(0.05) and iv.half == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pooled_averages_each_seed_over_lengths_first():
+    arm = {1: {384: 0.5, 512: 0.3}, 2: {384: 0.6, 512: 0.4}, 3: {384: 0.7, 512: 0.7}}
+    ref = {1: {384: 0.4, 512: 0.2}, 2: {384: 0.4, 512: 0.2}, 3: {384: 0.5, 512: 0.3}}
+    iv = pooled_paired(arm, ref, [384, 512])
+    diffs = [0.1, 0.2, 0.3]  # per-seed means of (0.1, 0.1), (0.2, 0.2), (0.2, 0.4)
+    assert iv.n == 3 and iv.mean == pytest.approx(sum(diffs) / 3)
+    assert iv.half == pytest.approx(T2 * 0.1 / math.sqrt(3), rel=1e-3)
+    assert pooled_paired(arm, {1: {384: 0.1}}, [384, 512]).n == 0  # a missing length
+
+
+@pytest.fixture
+def grid(tmp_path):
+    cfg = experiment_cfg(load_config([]))
+    key = experiment_key(cfg)
+    runs = tmp_path / "reproduce" / "runs"
+    runs.mkdir(parents=True)
+    lengths = cfg["reproduce"]["eval"]["lengths"]
+    for seed, base in ((1, 0.3), (2, 0.5), (3, 0.4)):
+        for arm, lift in (("plain", 0.0), ("topk", 0.1 * seed / 3)):
+            acc = {t: {str(n): base + lift - 0.05 * i for i, n in enumerate(lengths)}
+                   for t in cfg["reproduce"]["eval"]["tasks"]}  # fmt: skip
+            rec = {
+                "key": key, "run": f"grpo_{arm}_seed{seed}", "algo": "grpo", "arm": arm,
+                "seed": seed, "accuracy": acc, "warmup_sha": "abc",
+                "reward": {str(s): 0.1 * s + 0.01 * seed for s in range(1, 6)},
+                "jaccard_first": {} if arm == "plain" else {"1": 1.0, "3": 0.8, "5": 0.7},
+                "mass_kept": {} if arm == "plain" else {"1": 0.5, "3": 0.55, "5": 0.6},
+            }  # fmt: skip
+            (runs / f"grpo_{arm}_seed{seed}.json").write_text(json.dumps(rec))
+    old = {"key": "other", "run": "grpo_plain_seed9", "algo": "grpo", "arm": "plain", "seed": 9}
+    (runs / "grpo_plain_seed9.json").write_text(json.dumps(old))
+    warm = {t: {str(n): 0.9 - 0.1 * i for i, n in enumerate([64, 96, 128, 256, 384, 512])}
+            for t in cfg["reproduce"]["eval"]["tasks"]}  # fmt: skip
+    (runs / "warmup.json").write_text(json.dumps({"key": key, "accuracy": warm}))
+    return cfg, key, tmp_path
+
+
+def test_report_from_a_partial_grid(grid):
+    cfg, key, root = grid
+    results = root / "reproduce"
+    current, stale = load_runs(results, key)
+    assert len(current) == 6 and stale == ["grpo_plain_seed9"]
+    report = write_report(cfg, results, root / "reproduce.md", key, plan(cfg))
+    text = report.read_text()
+    assert f"from **6 of {len(plan(cfg))} planned runs**" in text
+    assert "another experiment key, left out: grpo_plain_seed9" in text
+    # topk - plain per seed: 0.1/3, 0.2/3, 0.3/3 at every length: mean 0.0667
+    res = analysis(cfg, current, plan(cfg))
+    e = res[("grpo", "topk", "niah_single")]
+    assert e["seeds"] == [1, 2, 3] and e["pooled"].n == 3
+    assert e["pooled"].mean == pytest.approx(0.2 / 3)
+    assert e["pooled"].half == pytest.approx(T2 * (0.1 / 3) / math.sqrt(3), rel=1e-3)
+    assert "+0.067 ± 0.083 (n=3)" in text and "| tied |" in text
+    for png in ("accuracy_vs_length", "paired_differences", "reward_per_step", "mask_drift"):
+        assert (results / f"{png}.png").stat().st_size > 5000, png
+        assert f"reproduce/{png}.png" in text
+    assert "## Paper scale (not run here)" in text
+    assert "128: 0.70" in text  # the warm-up's accuracy at its longest length
+
+
+def test_report_with_no_runs_says_so(tmp_path):
+    cfg = experiment_cfg(load_config([]))
+    text = write_report(cfg, tmp_path / "r", tmp_path / "r.md", experiment_key(cfg), plan(cfg))
+    text = text.read_text()
+    assert f"from **0 of {len(plan(cfg))} planned runs**" in text and "No run has finished" in text
+
+
+def test_the_grid_has_the_seeds_the_analysis_needs():
+    runs = plan(experiment_cfg(load_config([])))
+    count = {}
+    for r in runs:
+        count[(r.algo, r.arm)] = count.get((r.algo, r.arm), 0) + 1
+    assert count[("grpo", "topk")] >= 6 and count[("grpo", "plain")] >= 6
+    assert all(n >= 3 for n in count.values()) and len(count) == 7
+    assert runs[0].seed == 1 and runs[-1].seed == 6  # seed by seed: pairs complete early
