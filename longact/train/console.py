@@ -122,9 +122,12 @@ class RunConsole:
     def _make_bar(self):
         if not self.term.isatty():
             return None
+        import shutil
+
         from tqdm import tqdm
 
-        return tqdm(total=self.total, file=self.term, unit="step", dynamic_ncols=True, leave=True)
+        width = shutil.get_terminal_size((100, 20)).columns  # a terminal reporting 0: 100
+        return tqdm(total=self.total, file=self.term, unit="step", ncols=width, leave=True)
 
     def _show(self, text: str) -> None:
         if self._bar is not None:
