@@ -105,13 +105,17 @@ def run_overrides(cfg: dict, run: Run, data_dir: Path) -> list[str]:
     ]
 
 
-def evaluate_model(cfg: dict, model: Path, out: Path, lengths: list[int]) -> dict:
-    """{task: {length: accuracy}} on every evaluation task (held-out prompts, seed 4)."""
+def evaluate_model(cfg: dict, model: Path, out: Path, extra_lengths: tuple = ()) -> dict:
+    """{task: {length: accuracy}} on every evaluation task (held-out prompts, seed 4), at
+    the evaluation lengths; the training task also at ``extra_lengths``."""
     from longact.eval.runner import evaluate
 
     ev = cfg["reproduce"]["eval"]
     acc: dict[str, dict[int, float]] = {}
     for task, opts in ev["tasks"].items():
+        lengths = list(ev["lengths"])
+        if task == cfg["task"]["name"]:
+            lengths = sorted({*lengths, *extra_lengths})
         res = evaluate(
             model, [task], lengths, ev["samples"], out_dir=out / task, seed=4,
             max_new_tokens=8, task_opts=opts, progress=False,
@@ -142,7 +146,7 @@ def run_one(cfg: dict, run: Run, sft_model: Path, data_dir: Path, work: Path) ->
         {**cfg, "rl": rl_cfg}, sft_model, data_dir, d))  # fmt: skip
     metrics = json.loads((st.dir(run.name) / "metrics.json").read_text())
     model = st.dir(run.name) / rl["model"]
-    acc = evaluate_model(cfg, model, work / f"{run.name}_eval", cfg["reproduce"]["eval"]["lengths"])
+    acc = evaluate_model(cfg, model, work / f"{run.name}_eval")
     return {
         "run": run.name, "algo": run.algo, "arm": run.arm, "seed": run.seed,
         "accuracy": acc,
@@ -185,8 +189,7 @@ def run_grid(cfg: dict, work: Path, results: Path, max_runs: int | None) -> int:
     _, data_dir, sft_model = shared_stages(Stages(work / "shared", log=_say), cfg)
     warm = results / "runs" / "warmup.json"
     if not warm.is_file() or json.loads(warm.read_text()).get("key") != key:
-        lengths = sorted({*cfg["sft"]["lengths"], *cfg["reproduce"]["eval"]["lengths"]})
-        acc = evaluate_model(cfg, sft_model, work / "warmup_eval", lengths)
+        acc = evaluate_model(cfg, sft_model, work / "warmup_eval", tuple(cfg["sft"]["lengths"]))
         record = {"key": key, "accuracy": acc, "warmup_sha": _sha(sft_model / "model.safetensors")}
         _write(warm, record)
         _say(f"warm-up accuracy: {acc}")

@@ -258,7 +258,10 @@ def _verdict(cfg: dict, res: dict) -> list[str]:
         if iv.verdict() == "better":
             winners.append(f"{ALGO_NAMES[algo]} `{arm}` on `{task}` by {iv.mean:+.3f}")
     lines.append("")
-    if winners:
+    judged = [e["pooled"] for e in res.values() if e["pooled"] is not None and e["pooled"].n >= 2]
+    if not judged:
+        lines.append("**No verdict yet**: an interval needs at least two paired seeds.")
+    elif winners:
         lines.append(f"**Beats plain RL: {'; '.join(winners)}.** Everything else ties or loses.")
     else:
         lines.append(
