@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from longact.core.adapters import QKLayout
+from longact.core.arch import QKLayout
 
 
 # ---- model shapes ----------------------------------------------------------------------

@@ -40,7 +40,7 @@ import torch
 
 from bench.common import SHAPES, abba, figure, fmt_s, goal, human_bytes, rss_bytes, summarize
 from bench.memory import stats_bytes
-from longact.core.adapters import QKLayout
+from longact.core.arch import QKLayout
 from longact.core.masks import MaskSet
 from longact.core.stats import ChannelStats, QKStats
 from longact.distributed.coordinator import SaliencyCoordinator
@@ -333,7 +333,11 @@ def run(
                 ms += 1000 * viaray[min(rank_counts)][f]["put"]["median"]
                 label = f"refresh latency, {top} ranks, score's fields, senders in parallel (ms)"
             fig["goals"].append(goal(label, ms, 100.0, "{:.1f}"))
-    fig["raw"] = {"inprocess": inproc, "ray": viaray, "layout": layout.__dict__}
+    fig["raw"] = {
+        "inprocess": inproc,
+        "ray": viaray,
+        "layout": {"keys": len(layout), "rows_q": layout.rows("q"), "rows_k": layout.rows("k")},
+    }
     bytes_rows = []
     for key, shape in SHAPES.items():
         b64 = refresh_bytes(shape.layout, top)

@@ -51,7 +51,7 @@ from bench.common import (
     summarize,
     sync,
 )
-from longact.core.adapters import QKLayout, get_adapter
+from longact.core.arch import QKLayout, get_adapter
 from longact.core.masks import build_masks
 from longact.core.sparse_update import RowMaskGuard
 

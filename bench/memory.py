@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.common import SHAPES, figure, human_bytes
-from longact.core.adapters import QKLayout
+from longact.core.arch import QKLayout
 from longact.core.masks import mask_memory_bytes
 
 FLOAT64 = 8

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import figure, md_table, render
-from longact.core.adapters import QKLayout
+from longact.core.arch import QKLayout
 
 FIGURES = ("memory", "mask_apply", "capture", "coordinator", "step_time", "data_gen")
 GPU_FIGURES = ("train_step", "capture", "capture_8b", "mask_apply")

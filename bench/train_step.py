@@ -137,7 +137,7 @@ def run(
     device: str = "cuda",
     log=print,
 ) -> dict[str, Any]:
-    from longact.core.adapters import get_adapter
+    from longact.core.arch import get_adapter
     from longact.distributed.coordinator import SaliencyCoordinator
     from longact.train.runtime import LongActRuntime
 

@@ -2,7 +2,8 @@
 
 No ray or verl imports here: the verl integration wires these pieces into its workers.
 
-- ``adapters``: where q_proj/k_proj (and q_norm/k_norm) live per HF ``model_type``.
+- ``arch`` (re-exported by ``adapters``): per-family adapters: which layers have Q/K,
+  which weight rows hold them, RoPE pairing, capture points; ``QKLayout`` geometry.
 - ``scores``: the registries of statistics (accumulation, reduction) and the scores
   over them: a new score is declared there, or registered from user code, in one place.
 - ``stats``: per-channel |x| statistics with exact merges and an EMA.
@@ -13,15 +14,16 @@ No ray or verl imports here: the verl integration wires these pieces into its wo
 - ``sharding``: FSDP2 (DTensor ``Shard(0)``) local row ranges.
 """
 
-from longact.core.adapters import (
+from longact.core.arch import (
     ADAPTERS,
     ArchAdapter,
     LayerQK,
     ParamRef,
+    ProjGeom,
     QKLayout,
+    Rope,
     get_adapter,
     normalize_param_name,
-    rope_pairs,
 )
 from longact.core.capture import QKCapture, capture_qk_stats
 from longact.core.exact_update import exact_path_for
@@ -52,9 +54,11 @@ __all__ = [
     "LayerQK",
     "MaskSet",
     "ParamRef",
+    "ProjGeom",
     "QKCapture",
     "QKLayout",
     "QKStats",
+    "Rope",
     "RowMaskGuard",
     "build_masks",
     "capture_qk_stats",
@@ -70,7 +74,6 @@ __all__ = [
     "normalize_param_name",
     "register_score",
     "register_statistic",
-    "rope_pairs",
     "select_rows",
     "validate_ratio",
 ]

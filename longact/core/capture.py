@@ -1,9 +1,10 @@
 """Forward hooks that accumulate q/k channel statistics (plumbing around stats.py).
 
-``capture_qk_stats(model)`` registers forward hooks on every layer's q_proj / k_proj
-(``point="proj"``, default: works for every architecture) or on q_norm / k_norm
-(``point="norm"``, Qwen3-style per-head RMSNorm; an error for models without them) and
-accumulates :class:`~longact.core.stats.QKStats` from the real tokens of each pass.
+``capture_qk_stats(model)`` registers forward hooks, on every layer the adapter applies
+to, on the module producing each projection's channels (``point="proj"``, default: works
+for every architecture) or on q_norm / k_norm (``point="norm"``; an error for models
+without them) and accumulates :class:`~longact.core.stats.QKStats` from the real tokens
+of each pass.
 Hooks are removed on exit; the capture object can also be kept attached for a whole
 training run (``attach()`` / ``detach()``), with ``take()`` returning and clearing the
 statistics at each mask refresh.
@@ -12,9 +13,12 @@ statistics at each mask refresh.
 one, ``longact.core.scores``): the training runtime asks only for what its score needs
 (``wire.payload_fields``), one reduction per hook call instead of three.
 
-Shapes: q_proj output (B, T, n_heads*head_dim); q_norm output (B, T, n_heads, head_dim)
-(Gemma3: (B, n_heads, T, head_dim), see ``ArchAdapter.norm_heads_first``), flattened to
-(B, T, n_heads*head_dim). Statistics are per channel of that last dim.
+Shapes: the producing module's output (B, T, R) holds the key's C = heads*head_dim
+channels at the rows ``LayerQK.rows`` gives (all R for a plain q_proj; the query half of
+each head's block for Qwen3.5's gated q_proj; a slice of Phi-3's fused qkv_proj), read
+as (B, T, C). A norm output is laid out per ``ArchAdapter.norm_layout``: (B, T, H, D)
+(Qwen3), (B, H, T, D) (Gemma 3) or (B, T, C) (OLMo's whole-width norm), flattened to
+(B, T, C). Statistics are per channel of that last dim.
 
 Which tokens count, in order of precedence:
 1. a mask given with ``token_mask=`` / ``set_token_mask(mask)`` (B, T) bool;
@@ -50,7 +54,7 @@ from typing import Any, Self
 import torch
 from torch import nn
 
-from longact.core.adapters import ArchAdapter, Key, get_adapter
+from longact.core.arch import ArchAdapter, Key, get_adapter
 from longact.core.stats import Fields, QKStats
 
 POINTS = ("proj", "norm")
@@ -82,12 +86,17 @@ class QKCapture:
         self.fields = None if fields is None else tuple(fields)  # held statistics; None: all
         self.layout = self.adapter.layout(model)
         self.layers = self.adapter.layers(model)
-        if point == "norm" and any(la.q_norm is None or la.k_norm is None for la in self.layers):
+        if point == "norm" and any(set(la.norms) != set(la.modules) for la in self.layers):
             raise ValueError(
                 f"point='norm' needs q_norm/k_norm modules; {type(model).__name__} "
-                f"({self.adapter.model_type}) has none: use point='proj'"
+                f"({self.adapter.family} adapter) has none on some layers: use point='proj'"
             )
-        self._device = next(self.layers[0].q_proj.parameters()).device
+        first = self.layers[0].modules[next(iter(self.layers[0].modules))]
+        self._device = next(first.parameters()).device
+        # key -> (C,) rows of the producing module's output, and per-device copies
+        self._rows = {(la.index, p): r for la in self.layers for p, r in la.rows.items()}
+        self._slices = {k: _as_slice(r) for k, r in self._rows.items()}
+        self._rows_on: dict[tuple[Key, torch.device], torch.Tensor] = {}
         self.stats = QKStats.empty(self.layout.row_counts(), self._device, self.fields)
         self._token_mask = token_mask
         self._pass_mask: torch.Tensor | None = None
@@ -131,7 +140,7 @@ class QKCapture:
             self.model.register_forward_hook(self._on_model_exit, always_call=True)
         )
         for layer in self.layers:
-            for proj in ("q", "k"):
+            for proj in layer.modules:
                 mod = layer.proj(proj) if self.point == "proj" else layer.norm(proj)
                 self._handles.append(
                     mod.register_forward_hook(self._make_hook((layer.index, proj)))
@@ -187,16 +196,28 @@ class QKCapture:
 
         return hook
 
+    def _channels(self, key: Key, out: torch.Tensor) -> torch.Tensor:
+        """The key's channels (B, T, C) of a hooked module's output."""
+        n_channels = self.layout.rows(key)
+        layout = self.adapter.norm_layout
+        if self.point == "norm" and layout != "flat":
+            if layout == "heads_first":
+                out = out.transpose(-3, -2)  # (B, H, T, D) -> (B, T, H, D)
+            return out.reshape(*out.shape[:-2], n_channels)  # (B, T, C)
+        if self.point == "norm":
+            return out  # (B, T, C): a norm over the whole projection
+        sl = self._slices[key]
+        if sl is not None:
+            return out[..., sl]  # (B, T, R) -> (B, T, C), a view
+        idx = self._rows_on.get((key, out.device))
+        if idx is None:
+            idx = self._rows_on[(key, out.device)] = self._rows[key].to(out.device)
+        return out.index_select(-1, idx)  # (B, T, C)
+
     @torch.no_grad()
     def _record(self, key: Key, out: torch.Tensor) -> None:
-        n_channels = self.layout.rows(key[1])
-        if self.point == "norm":
-            if self.adapter.norm_heads_first:
-                out = out.transpose(-3, -2)  # (B, H, T, D) -> (B, T, H, D)
-            lead = out.shape[:-2]  # (B, T, H, D) -> (B, T)
-        else:
-            lead = out.shape[:-1]  # (B, T, C) -> (B, T)
-        x = out.detach().reshape(*lead, n_channels)  # (B, T, C)
+        x = self._channels(key, out.detach())  # (B, T, C)
+        lead = x.shape[:-1]
         if x.device != self._device:  # the model moved (verl's param offload): follow it
             self.to(x.device)
         mask = self._token_mask if self._token_mask is not None else self._pass_mask
@@ -215,6 +236,14 @@ class QKCapture:
             f"token mask of shape {tuple(mask.shape)} does not fit activations with "
             f"token dims {tuple(lead)}"
         )
+
+
+def _as_slice(rows: torch.Tensor) -> slice | None:
+    """``rows`` as a slice when they are consecutive (a view instead of a gather)."""
+    start = int(rows[0])
+    if torch.equal(rows, torch.arange(start, start + rows.numel())):
+        return slice(start, start + rows.numel())
+    return None
 
 
 def packed_token_mask(

@@ -90,7 +90,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import _default_to_fused_or_foreach
 
-from longact.core.adapters import ParamRef
+from longact.core.arch import Key, ParamRef
 from longact.core.sharding import local_tensor
 
 # constructor options of each class this module understands (torch 2.13)
@@ -109,13 +109,16 @@ _KNOWN_OPTIONS[torch.optim.AdamW] = _KNOWN_OPTIONS[torch.optim.Adam] - {"decoupl
 
 @dataclass
 class _Target:
-    """One W_Q/W_K weight or q/k bias and this rank's view of its row mask."""
+    """One parameter holding W_Q/W_K rows (or q/k bias entries) and this rank's view of
+    its row mask. ``sources``: [(key, (C,) global rows holding that key's channels)];
+    rows in no source (v of a fused qkv_proj, Qwen3.5's gate) are always trainable."""
 
     name: str
     ref: ParamRef
     param: nn.Parameter
     start: int  # global rows [start, stop) held locally
     stop: int
+    sources: list[tuple[Key, torch.Tensor]]
     frozen: torch.Tensor  # (n_frozen_local,) long, local row indices, always on the CPU
     kept: torch.Tensor  # (n_local - n_frozen_local,) long, the trainable ones, CPU
     _on: dict[torch.device, torch.Tensor] = field(default_factory=dict)  # device copies

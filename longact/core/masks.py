@@ -9,9 +9,12 @@ with the statistics they need in ``longact.core.scores``: mean_abs [default], rm
 max_abs) -> pooled to units by the granularity (``GRANULARITIES``) -> a policy picks
 ``n_keep`` units (``POLICIES``) -> expanded back to a (C,) row mask.
 
-* Granularity ``channel``: one unit per row. ``rope_pair``: rows ``h*D + j`` and
-  ``h*D + j + D/2`` (rotate-half RoPE partners, D = head_dim) form one unit, score = mean
-  of the two. ``head``: the D rows of a head form one unit, score = mean over the head.
+* Granularity ``channel``: one unit per row. ``rope_pair``: the two channels RoPE turns
+  together form one unit, score = mean of the two: under rotate-half ``h*D + j`` and
+  ``h*D + j + R/2`` (R = the key's rotated channels, D = head_dim); a channel RoPE does
+  not turn (partial rotary, a layer without RoPE) is a unit of its own
+  (``ProjGeom.units``, from the adapter's ``Rope``). ``head``: the D rows of a head form
+  one unit, score = mean over the head.
 * Rounding (our choice, the paper only gives "30%"): ``n_keep = clamp(floor(ratio *
   n_units + 0.5), 1, n_units)`` - round half up, at least one unit. E.g. ratio 0.3 over
   16 K channels keeps 5 (4.8), over 5 units keeps 2 (1.5), over 4 heads keeps 1 (1.2).
@@ -30,7 +33,7 @@ from typing import Any
 
 import torch
 
-from longact.core.adapters import Key, QKLayout, key_str, parse_key
+from longact.core.arch.layout import ROTATE_HALF, Key, ProjGeom, QKLayout, Rope, key_str, parse_key
 from longact.core.scores import SCORES
 from longact.core.stats import QKStats
 from longact.registry import Registry
@@ -43,44 +46,43 @@ POLICIES: Registry[PolicyFn] = Registry("mask policy")
 # ---- granularity ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class Granularity:
-    """pool: (C,) channel scores -> (U,) unit scores; expand: (U,) unit mask -> (C,)."""
+    """A grouping of a key's C channels into U units that are kept or frozen together.
+    A unit's score is the mean of its channels' scores."""
 
     name: str
-    n_units: Callable[[int, int], int]  # (n_channels, head_dim) -> U
-    pool: Callable[[torch.Tensor, int], torch.Tensor]
-    expand: Callable[[torch.Tensor, int], torch.Tensor]
 
+    def units(self, geom: ProjGeom) -> torch.Tensor:
+        """(C,) long: unit id 0..U-1 of each channel (numbered by first channel)."""
+        rope = geom.rope
+        if self.name == "rope_pair" and rope.style != "none" and geom.head_dim % 2:
+            raise ValueError(f"rope_pair granularity needs an even head_dim, got {geom.head_dim}")
+        return geom.units(self.name)
 
-def _heads(c: int, d: int) -> int:
-    if d <= 0 or c % d:
-        raise ValueError(f"{c} channels do not split into heads of {d}")
-    return c // d
+    @staticmethod
+    def pool(scores: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """(..., C) channel scores -> (..., U) unit scores (mean over each unit)."""
+        n = int(units.max()) + 1
+        size = torch.zeros(n, dtype=scores.dtype).index_add_(
+            0, units, torch.ones_like(units, dtype=scores.dtype)
+        )
+        total = torch.zeros(*scores.shape[:-1], n, dtype=scores.dtype).index_add_(-1, units, scores)
+        return total / size
 
-
-def _pair_units(c: int, d: int) -> int:
-    if d % 2:
-        raise ValueError(f"rope_pair granularity needs an even head_dim, got {d}")
-    return _heads(c, d) * d // 2
+    @staticmethod
+    def expand(unit_mask: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """(..., U) unit mask -> (..., C) row mask."""
+        return unit_mask[..., units]
 
 
 GRANULARITIES: Registry[Granularity] = Registry("granularity")
-for _g in (
-    Granularity("channel", lambda c, d: c, lambda s, d: s, lambda m, d: m),
-    Granularity(
-        "rope_pair",
-        _pair_units,
-        # (C,) -> (H, 2, D/2): [h, 0, j] = channel h*D+j, [h, 1, j] = its partner h*D+j+D/2
-        lambda s, d: s.reshape(-1, 2, d // 2).mean(1).reshape(-1),  # (H*D/2,)
-        lambda m, d: m.reshape(-1, 1, d // 2).expand(-1, 2, -1).reshape(-1),  # (C,)
-    ),
-    Granularity(
-        "head",
-        _heads,
-        lambda s, d: s.reshape(-1, d).mean(1),  # (H,)
-        lambda m, d: m.repeat_interleave(d),  # (C,)
-    ),
-):
-    GRANULARITIES.add(_g.name, _g)
+for _name in ("channel", "rope_pair", "head"):
+    GRANULARITIES.add(_name, Granularity(_name))
+
+
+def _geom(n_channels: int, head_dim: int, rope: Rope | None) -> ProjGeom:
+    if head_dim <= 0 or n_channels % head_dim:
+        raise ValueError(f"{n_channels} channels do not split into heads of {head_dim}")
+    return ProjGeom(n_channels // head_dim, head_dim, rope or ROTATE_HALF)
 
 
 # ---- policies: (scores (U,) or None, n_units, n_keep, generator) -> (U,) bool -------------
@@ -159,17 +161,20 @@ def select_rows(
     granularity: str = "channel",
     seed: int = 0,
     key: Key = (0, "q"),
+    rope: Rope | None = None,
 ) -> torch.Tensor:
-    """Row mask (C,) bool for one (layer, proj) from channel scores (C,) or None."""
+    """Row mask (C,) bool for one (layer, proj) from channel scores (C,) or None.
+    ``rope``: the key's RoPE pairing (default: rotate-half over the whole head)."""
     pol, gran = POLICIES.get(policy), GRANULARITIES.get(granularity)
-    n_units = gran.n_units(n_channels, head_dim)
+    units = gran.units(_geom(n_channels, head_dim, rope))  # (C,)
+    n_units = int(units.max()) + 1
     unit_scores = None
     if scores is not None:
         if scores.numel() != n_channels:
             raise ValueError(f"{scores.numel()} scores for {n_channels} channels of {key}")
-        unit_scores = gran.pool(scores.detach().double().cpu(), head_dim)  # (U,)
+        unit_scores = gran.pool(scores.detach().double().cpu(), units)  # (U,)
     unit_mask = pol(unit_scores, n_units, n_keep(ratio, n_units), _generator(seed, key))
-    return gran.expand(unit_mask, head_dim).clone()  # (C,)
+    return gran.expand(unit_mask, units).clone()  # (C,)
 
 
 @torch.no_grad()
@@ -191,25 +196,29 @@ def build_masks(
     GRANULARITIES.get(granularity)
     masks = {}
     if getattr(POLICIES.get(policy), "batched", False) and stats is not None:
-        for proj in ("q", "k"):  # one policy call per projection instead of per layer
-            keys = [k for k in layout if k[1] == proj]
-            if keys and all(k in stats and stats.token_count(k) > 0 for k in keys):
-                masks.update(_masks_at_once(stats, layout, keys, ratio, policy, granularity, score))
+        groups: dict[tuple[str, ProjGeom], list[Key]] = {}
+        for k in layout:  # one policy call per projection and geometry, not per layer
+            groups.setdefault((k[1], layout.geom(k)), []).append(k)
+        for (_, geom), keys in groups.items():
+            if all(k in stats and stats.token_count(k) > 0 for k in keys):
+                masks.update(_masks_at_once(stats, geom, keys, ratio, policy, granularity, score))
     for key in layout:
         if key in masks:
             continue
         scores = None
         if stats is not None and key in stats and stats.token_count(key) > 0:
             scores = score_fn(stats[key])
+        g = layout.geom(key)
         masks[key] = select_rows(
             scores,
-            layout.rows(key[1]),
-            layout.head_dim,
+            g.rows,
+            g.head_dim,
             ratio=ratio,
             policy=policy,
             granularity=granularity,
             seed=seed,
             key=key,
+            rope=g.rope,
         )
     meta = {"ratio": ratio, "policy": policy, "score": score, "granularity": granularity}
     meta["seed"] = seed
@@ -218,21 +227,23 @@ def build_masks(
 
 def _masks_at_once(
     stats: QKStats,
-    layout: QKLayout,
+    geom: ProjGeom,
     keys: list[Key],
     ratio: float,
     policy: str,
     granularity: str,
     score: str,
 ) -> dict[Key, torch.Tensor]:
-    """A batched policy over the (L, U) unit scores of all layers of one projection: the
-    same masks as ``select_rows`` key by key, in one call (one sort for topk)."""
-    gran, d = GRANULARITIES.get(granularity), layout.head_dim
-    n_units = gran.n_units(layout.rows(keys[0][1]), d)
+    """A batched policy over the (L, U) unit scores of all layers of one projection that
+    share ``geom``: the same masks as ``select_rows`` key by key, in one call (one sort
+    for topk)."""
+    gran = GRANULARITIES.get(granularity)
+    units = gran.units(geom)  # (C,)
+    n_units = int(units.max()) + 1
     score_fn = SCORES.get(score)
-    unit = torch.stack([gran.pool(score_fn(stats[k]).detach().double().cpu(), d) for k in keys])
-    keep = POLICIES.get(policy)(unit, n_units, n_keep(ratio, n_units), None)  # (L, U)
-    return {k: gran.expand(keep[i], d).clone() for i, k in enumerate(keys)}
+    chan = torch.stack([score_fn(stats[k]).detach().double().cpu() for k in keys])  # (L, C)
+    keep = POLICIES.get(policy)(gran.pool(chan, units), n_units, n_keep(ratio, n_units), None)
+    return {k: gran.expand(keep[i], units).clone() for i, k in enumerate(keys)}  # (C,) each
 
 
 # ---- the mask set --------------------------------------------------------------------

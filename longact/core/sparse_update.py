@@ -1,7 +1,10 @@
 """Exact sparse updates of W_Q / W_K rows through any torch optimizer (plumbing).
 
 LongAct trains only the rows of W_Q and W_K whose output channels are in the mask
-(q/k bias entries follow their rows); every other parameter trains normally. Zeroing a
+(q/k bias entries follow their rows); every other parameter trains normally. Which rows
+of which parameter are W_Q/W_K rows comes from the adapter (``param_rows``): a plain
+q_proj/k_proj, the query rows of a gated q_proj, the q and k rows of a fused qkv_proj.
+Other rows of such a parameter (gate, v) are never frozen. Zeroing a
 gradient is not enough under AdamW: decoupled weight decay and stale momentum still move
 the row. :class:`RowMaskGuard` makes a frozen row *bit-identical* through a step:
 
@@ -64,7 +67,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from longact.core.adapters import ArchAdapter, get_adapter
+from longact.core.arch import ArchAdapter, get_adapter, param_mask
 from longact.core.exact_update import MaskedUpdate, _Target, exact_path_for, param_state
 from longact.core.masks import MaskSet
 from longact.core.sharding import local_row_range, local_tensor
@@ -95,14 +98,18 @@ class RowMaskGuard:
         self.reentry = reentry
         self.exact_path = exact_path
         self.targets: list[_Target] = []
+        layout = self.adapter.layout(model) if hasattr(model, "config") else None
         for name, ref, param in self.adapter.qk_params(model):
             start, stop = local_row_range(param)
             empty = torch.zeros(0, dtype=torch.long)
-            self.targets.append(_Target(name, ref, param, start, stop, empty, empty))
+            sources = self.adapter.param_rows(ref, layout, param.shape[0])
+            self.targets.append(
+                _Target(name, ref, param, start, stop, sources, frozen=empty, kept=empty)
+            )
         if not self.targets:
             raise ValueError(
                 f"no q/k projection parameters found in {type(model).__name__} "
-                f"for adapter {self.adapter.model_type!r}"
+                f"for the {self.adapter.family!r} adapter"
             )
         if reuse_buffers is None:
             reuse_buffers = self.targets[0].param.device.type == "cpu"
@@ -154,19 +161,25 @@ class RowMaskGuard:
 
     # ---- masks -----------------------------------------------------------------------
     def _validate(self, masks: MaskSet) -> None:
-        weight_keys = {t.ref.key for t in self.targets if t.ref.kind == "weight"}
+        weight_keys = {k for t in self.targets if t.ref.kind == "weight" for k, _ in t.sources}
         for t in self.targets:
-            if t.ref.key not in masks:
-                raise ValueError(f"mask set has no mask for {t.ref.key} ({t.name})")
-            n = masks[t.ref.key].numel()
-            if n != t.param.shape[0]:
-                raise ValueError(
-                    f"mask for {t.ref.key} has {n} rows but {t.name} has {t.param.shape[0]} "
-                    f"rows (shape {tuple(t.param.shape)})"
-                )
+            for key, rows in t.sources:
+                if key not in masks:
+                    raise ValueError(f"mask set has no mask for {key} ({t.name})")
+                n = masks[key].numel()
+                if n != rows.numel():
+                    raise ValueError(
+                        f"mask for {key} has {n} rows but {t.name} has {rows.numel()} "
+                        f"W_{key[1].upper()} rows (shape {tuple(t.param.shape)})"
+                    )
         extra = set(masks.keys()) - weight_keys
         if extra:
             raise ValueError(f"mask set has keys with no W_Q/W_K in the model: {sorted(extra)}")
+
+    @staticmethod
+    def _param_mask(t: _Target, masks: MaskSet) -> torch.Tensor:
+        """(rows of t.param,) bool, global: True = trainable."""
+        return param_mask(t.sources, masks, t.param.shape[0])
 
     @torch.no_grad()
     def set_masks(
@@ -187,14 +200,15 @@ class RowMaskGuard:
         opt = self._optimizer(optimizer)
         old, entering_total, leaving_total = self.masks, 0, 0
         for t in self.targets:
-            if old is not None and torch.equal(masks[t.ref.key], old[t.ref.key]):
+            new = self._param_mask(t, masks)  # (R,) bool, CPU, global rows
+            prev = self._param_mask(t, old) if old is not None else None
+            if prev is not None and torch.equal(new, prev):
                 continue  # same rows: nothing enters or leaves, t.frozen stays
-            new_local = masks[t.ref.key][t.start : t.stop]  # (n_local,) bool, CPU
-            if old is not None:
-                prev = old[t.ref.key]
-                if t.ref.kind == "weight":
-                    entering_total += int((masks[t.ref.key] & ~prev).sum())
-                    leaving_total += int((prev & ~masks[t.ref.key]).sum())
+            new_local = new[t.start : t.stop]  # (n_local,) bool
+            if prev is not None:
+                if t.ref.kind == "weight":  # rows outside every source are True in both
+                    entering_total += int((new & ~prev).sum())
+                    leaving_total += int((prev & ~new).sum())
                 if not restored:
                     self._move_state(t, opt, new_local, prev[t.start : t.stop])
             t.frozen = (~new_local).nonzero().squeeze(1)

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from longact.core.adapters import Key, key_str, parse_key
+from longact.core.arch import Key, key_str, parse_key
 from longact.core.scores import (
     COUNT,
     REDUCTIONS,

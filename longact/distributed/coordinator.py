@@ -50,7 +50,7 @@ from typing import Any
 import torch
 
 from longact.config import LongActConfig
-from longact.core.adapters import QKLayout
+from longact.core.arch import QKLayout
 from longact.core.masks import MaskSet, build_masks
 from longact.core.stats import QKStats, ema
 from longact.distributed.wire import (  # noqa: F401 (stats_payload re-exported: bench, tests)

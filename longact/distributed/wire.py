@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from longact.core.adapters import Key, key_str
+from longact.core.arch import Key, key_str
 from longact.core.masks import MaskSet
 from longact.core.scores import fields_for, reduction_of
 from longact.core.stats import Fields, QKStats, check_fields

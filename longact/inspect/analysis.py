@@ -17,11 +17,13 @@ mean |x| ``m`` (the magnitude the paper and AWQ use, whatever ``score`` selects 
 * ``kept_mass``: share of ``sum(m)`` on the rows the mask (ratio/policy/score/
   granularity) keeps (``MaskSet.mass_kept``);
 * ``low_freq_top30``: fraction of the top-30% channels by ``m`` in the low-frequency
-  half of RoPE. Rotate-half RoPE (every adapter here) turns channel ``d`` of a head (size
-  D) at frequency index ``i = d mod D/2``, angle ``theta ** (-2i/D)``: the *upper half of
-  each rotation half* (``i >= D/4``, i.e. ``d`` in [D/4, D/2) or [3D/4, D)) is the
-  low-frequency half. (The two halves ``d < D/2`` / ``d >= D/2`` are rotation partners
-  with the same frequencies, not frequency bands.) Uniform: ~0.5.
+  half of RoPE. Rotate-half RoPE (every adapter here) over R rotated channels of a head
+  turns channel ``d < R`` at frequency index ``i = d mod R/2``, angle
+  ``theta ** (-2i/R)``: ``i >= R/4`` is the low-frequency half. (The two halves
+  ``d < R/2`` / ``d >= R/2`` are rotation partners with the same frequencies, not
+  frequency bands.) Channels that never turn (partial rotary's pass-through channels,
+  pairs at frequency 0, layers without RoPE) have frequency 0 and count as low
+  frequency (``ProjGeom.freq_index``). Full rotation, uniform: ~0.5.
 
 ``compare_results(a, b)`` adds the per-key Jaccard overlap of the two models' masks.
 Results are plain JSON-able dicts; per-channel values live under ``"channels"`` so
@@ -47,7 +49,7 @@ from longact.core import (
     n_keep,
     validate_ratio,
 )
-from longact.core.adapters import key_str
+from longact.core.arch import ProjGeom, Rope, key_str, parse_key
 
 FORMAT = 1
 
@@ -123,7 +125,8 @@ def _check_settings(
 
 
 def _load(model_dir: str | Path):
-    """(resolved path, tokenizer, base decoder, adapter, layout); errors before weights load."""
+    """(resolved path, tokenizer, base decoder, adapter, layout, model_type); errors before
+    weights load."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from longact.eval.runner import EvalError, load_tokenizer, resolve_model_dir
@@ -139,16 +142,16 @@ def _load(model_dir: str | Path):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
-    return path, tok, lm.base_model, adapter, adapter.layout(lm.config)
+    return path, tok, lm.base_model, adapter, adapter.layout(lm.config), config.model_type
 
 
-def _key_metrics(m: torch.Tensor, mask: torch.Tensor, head_dim: int) -> dict[str, Any]:
+def _key_metrics(m: torch.Tensor, mask: torch.Tensor, geom: ProjGeom) -> dict[str, Any]:
     """Concentration numbers of one (layer, proj) from mean |x| per channel m (C,)."""
     c = m.numel()
     total = float(m.sum())
     order = torch.sort(m, descending=True, stable=True).indices
     top10, top30 = order[: n_keep(0.1, c)], order[: n_keep(0.3, c)]
-    freq_index = top30 % (head_dim // 2)  # rotate-half: channel d turns at index d mod D/2
+    freq = geom.freq_index()[top30]  # (n,) in [0, 1]; 1 = never turns
     return {
         "channels": c,
         "top10_share": float(m[top10].sum()) / total if total else 0.0,
@@ -156,7 +159,7 @@ def _key_metrics(m: torch.Tensor, mask: torch.Tensor, head_dim: int) -> dict[str
         "max_over_mean": float(m.max() / m.mean()) if total else 0.0,
         "kept_fraction": float(mask.double().mean()),
         "kept_mass": float(m[mask].sum()) / total if total else 0.0,
-        "low_freq_top30": float((freq_index >= head_dim // 4).double().mean()),
+        "low_freq_top30": float((freq >= 0.5).double().mean()),
         "top_channels": order[:8].tolist(),
     }
 
@@ -194,7 +197,7 @@ def inspect_model(
     """Capture q/k statistics of ``model_dir`` over the first ``n`` prompts of ``data``."""
     _check_settings(n, ratio, policy, score, granularity, point, batch_size)
     prompts = load_prompts(data, n)
-    path, tok, model, adapter, layout = _load(model_dir)
+    path, tok, model, adapter, layout, model_type = _load(model_dir)
     texts = [
         tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
     ]
@@ -222,7 +225,7 @@ def inspect_model(
     for key in layout:
         m = stats.score(key, "mean_abs").double().cpu()  # (C,)
         mask = masks[key]
-        keys.append({"layer": key[0], "proj": key[1], **_key_metrics(m, mask, layout.head_dim)})
+        keys.append({"layer": key[0], "proj": key[1], **_key_metrics(m, mask, layout.geom(key))})
         channels[key_str(key)] = {
             "mean_abs": [float(f"{v:.6g}") for v in m.tolist()],
             "kept": torch.nonzero(mask).flatten().tolist(),
@@ -231,16 +234,11 @@ def inspect_model(
         "format": FORMAT,
         "model": str(path),
         "model_name": model_name(path),
-        "model_type": adapter.model_type,
-        "layout": {
-            "num_layers": layout.num_layers,
-            "head_dim": layout.head_dim,
-            "num_attention_heads": layout.num_attention_heads,
-            "num_key_value_heads": layout.num_key_value_heads,
-        },
+        "model_type": model_type,
+        "layout": layout_dict(layout),
         "data": str(data) if isinstance(data, (str, Path)) else "<rows>",
         "n": len(prompts),
-        "tokens": int(stats.token_count((0, "q"))),
+        "tokens": int(stats.token_count(layout.keys()[0])),
         "settings": {
             "ratio": ratio,
             "policy": policy,
@@ -255,11 +253,39 @@ def inspect_model(
     }
 
 
+def layout_dict(layout: QKLayout) -> dict[str, Any]:
+    """JSON form: the first layer's q/k geometry as a summary, and every key's own."""
+    q = next(layout.geom(k) for k in layout if k[1] == "q")
+    k = next((layout.geom(k) for k in layout if k[1] == "k"), q)
+    return {
+        "num_layers": layout.num_layers,
+        "head_dim": q.head_dim,
+        "num_attention_heads": q.heads,
+        "num_key_value_heads": k.heads,
+        "keys": {
+            key_str(key): {
+                "heads": g.heads,
+                "head_dim": g.head_dim,
+                "rope": {"style": g.rope.style, "rotary_dim": g.rope.rotary_dim,
+                         "n_freqs": g.rope.n_freqs},
+            }
+            for key, g in ((key, layout.geom(key)) for key in layout)
+        },
+    }  # fmt: skip
+
+
 def layout_of(result: dict) -> QKLayout:
+    """The QKLayout of a result (results written before per-key geometry: uniform)."""
     lo = result["layout"]
-    return QKLayout(
-        lo["num_layers"], lo["head_dim"], lo["num_attention_heads"], lo["num_key_value_heads"]
-    )
+    if "keys" not in lo:
+        return QKLayout(
+            lo["num_layers"], lo["head_dim"], lo["num_attention_heads"], lo["num_key_value_heads"]
+        )
+    keys = {
+        parse_key(k): ProjGeom(v["heads"], v["head_dim"], Rope(**v["rope"]))
+        for k, v in lo["keys"].items()
+    }
+    return QKLayout(lo["num_layers"], keys=keys)
 
 
 def mask_set(result: dict) -> MaskSet:
@@ -267,7 +293,7 @@ def mask_set(result: dict) -> MaskSet:
     layout = layout_of(result)
     masks = {}
     for key in layout:
-        m = torch.zeros(layout.rows(key[1]), dtype=torch.bool)
+        m = torch.zeros(layout.rows(key), dtype=torch.bool)
         m[result["channels"][key_str(key)]["kept"]] = True
         masks[key] = m
     return MaskSet(masks, meta=dict(result["settings"]))

@@ -17,14 +17,28 @@ from pathlib import Path
 from longact.inspect.plot import plot_compare, plot_heatmaps
 
 
+def _layers(result: dict) -> str:
+    """``"28"``, or ``"8 of 32"`` when LongAct applies to some layers only (hybrids)."""
+    lo = result["layout"]
+    used = len({r["layer"] for r in result["keys"]})
+    return str(lo["num_layers"]) if used == lo["num_layers"] else f"{used} of {lo['num_layers']}"
+
+
+def _uniform(lo: dict) -> bool:
+    """One head_dim and rotary width across keys (old results: always)."""
+    geoms = {(v["head_dim"], v["rope"]["rotary_dim"]) for v in lo.get("keys", {}).values()}
+    return len(geoms) <= 1
+
+
 def summary_table(result: dict) -> str:
     s, lo = result["settings"], result["layout"]
     cmp_ = result.get("compare")
     jac = {(r["layer"], r["proj"]): r["jaccard"] for r in cmp_["jaccard"]} if cmp_ else {}
+    hd_note = "" if _uniform(lo) else " in the first layer, varies by layer"
     lines = [
-        f"model {result['model_name']} ({result['model_type']}, {lo['num_layers']} layers, "
+        f"model {result['model_name']} ({result['model_type']}, {_layers(result)} layers, "
         f"{lo['num_attention_heads']} q / {lo['num_key_value_heads']} kv heads, "
-        f"head_dim {lo['head_dim']}): {result['n']} prompts, {result['tokens']} tokens, "
+        f"head_dim {lo['head_dim']}{hd_note}): {result['n']} prompts, {result['tokens']} tokens, "
         f"point {s['point']}",
         f"mask: {s['policy']} ratio {s['ratio']:g} by {s['score']}, {s['granularity']}"
         + (f"; compared with {cmp_['model_name']}" if cmp_ else ""),

@@ -1,22 +1,23 @@
-"""Tiny Qwen3 models and an offline tokenizer: the embedded default for the CPU.
+"""Tiny models of every supported family and an offline tokenizer: the CPU default.
 
-``write_tiny_model(out, size, seed)`` writes a directory that loads with
-``AutoModelForCausalLM`` / ``AutoTokenizer`` and with verl:
+``write_tiny_model(out, size, seed, arch="qwen3")`` writes a directory that loads with
+``AutoModelForCausalLM`` / ``AutoTokenizer`` (and, for Qwen3, with verl):
 
 - a byte-level BPE tokenizer trained here, on text built from the task word lists
   (``longact.data.vocab``), so no download is needed. It can encode any text (byte
   fallback, like Qwen's own tokenizer), keeps digits one token each, makes ``"\\n"``
   a single token (verl's chat-token builder requires it), and carries a ChatML chat
   template with ``<|im_end|>`` as eos and ``<|endoftext|>`` as pad;
-- a Qwen3 model built from a config (q_norm / k_norm, GQA, RoPE, tied embeddings),
-  initialized from a seed: the same seed gives byte-identical weights.
+- a model built from a config (Qwen3 by default: q_norm / k_norm, GQA, RoPE, tied
+  embeddings; other families: ``longact.models.tiny_arch``), initialized from a seed:
+  the same seed gives byte-identical weights.
 """
 
 from __future__ import annotations
 
 import json
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinySize:
-    """Shape of a tiny Qwen3 (all fp32, tied embeddings)."""
+    """Shape of a tiny model of any family (all fp32, tied embeddings)."""
 
     hidden_size: int
     """Model width."""
@@ -123,37 +124,36 @@ def build_tokenizer():
     return fast
 
 
-def build_model(size: str = "xs", vocab_size: int = BPE_VOCAB_SIZE, seed: int = 0):
-    """A freshly initialized Qwen3ForCausalLM of the named size (fp32, CPU)."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def build_model(
+    size: str = "xs",
+    vocab_size: int = BPE_VOCAB_SIZE,
+    seed: int = 0,
+    arch: str = "qwen3",
+    eos_id: int = 0,
+):
+    """A freshly initialized causal LM of family ``arch`` and the named size (fp32, CPU)."""
+    from transformers import AutoModelForCausalLM
 
-    shape = SIZES.get(size)
-    config = Qwen3Config(
-        vocab_size=vocab_size,
-        tie_word_embeddings=True,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-        attention_bias=False,
-        use_cache=True,
-        torch_dtype="float32",
-        **asdict(shape),
-    )
-    config._attn_implementation = "sdpa"
+    from longact.models.tiny_arch import tiny_config
+
+    config = tiny_config(arch, SIZES.get(size), vocab_size, eos_id=eos_id)
     torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.to(torch.float32)
     return model
 
 
-def write_tiny_model(out: str | Path, size: str = "xs", seed: int = 0) -> Path:
-    """Write tokenizer + model to ``out`` and return the path."""
-    SIZES.get(size)  # validate before touching the disk
+def write_tiny_model(out: str | Path, size: str = "xs", seed: int = 0, arch: str = "qwen3") -> Path:
+    """Write tokenizer + model of family ``arch`` to ``out`` and return the path."""
+    from longact.models.tiny_arch import ARCHS
+
+    SIZES.get(size), ARCHS.get(arch)  # validate before touching the disk
     out = Path(out)
     tokenizer = build_tokenizer()
     vocab_size = ((len(tokenizer) + 63) // 64) * 64  # pad the table to a multiple of 64
-    model = build_model(size, vocab_size=vocab_size, seed=seed)
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     pad_id = tokenizer.convert_tokens_to_ids(PAD)
+    model = build_model(size, vocab_size, seed, arch, eos_id=eos_id)
     model.config.eos_token_id = eos_id
     model.config.pad_token_id = pad_id
     model.config.bos_token_id = None
@@ -165,6 +165,7 @@ def write_tiny_model(out: str | Path, size: str = "xs", seed: int = 0) -> Path:
     tokenizer.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
     (out / "longact_tiny.json").write_text(
-        json.dumps({"size": size, "seed": seed, "parameters": n_params}, indent=2) + "\n"
+        json.dumps({"arch": arch, "size": size, "seed": seed, "parameters": n_params}, indent=2)
+        + "\n"
     )
     return out

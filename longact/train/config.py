@@ -42,13 +42,7 @@ def _check_hub_model(model_id: str, longact: LongActConfig) -> None:
             f"be fetched ({type(e).__name__}: {reason})"
         ) from None
     if longact.enable and longact.policy != "full":
-        from longact.core.adapters import ADAPTERS
-
-        if cfg.model_type not in ADAPTERS:
-            raise ConfigError(
-                f"LongAct has no q/k adapter for model_type {cfg.model_type!r} ({model_id}); "
-                f"supported: {', '.join(ADAPTERS.names())}; or run with longact.enable=false"
-            )
+        _check_model_type(cfg.model_type, model_id)
 
 
 def _check_model_dir(path: str, longact: LongActConfig) -> None:
@@ -66,14 +60,24 @@ def _check_model_dir(path: str, longact: LongActConfig) -> None:
         raise ConfigError(f"model directory {str(p)!r} has no config.json")
     _check_chat_template(p)
     if longact.enable and longact.policy != "full":
-        from longact.core.adapters import ADAPTERS
+        _check_model_type(json.loads(cfg_file.read_text()).get("model_type"), str(p))
 
-        model_type = json.loads(cfg_file.read_text()).get("model_type")
-        if model_type not in ADAPTERS:
-            raise ConfigError(
-                f"LongAct has no q/k adapter for model_type {model_type!r} ({p}); supported: "
-                f"{', '.join(ADAPTERS.names())}; or run with longact.enable=false"
-            )
+
+def _check_model_type(model_type: str | None, where: str) -> None:
+    """An adapter exists for ``model_type`` (a refused one says why)."""
+    from longact.core.arch import ADAPTERS, REFUSED
+
+    if model_type in ADAPTERS:
+        return
+    supported = f"supported: {', '.join(ADAPTERS.names())}; or run with longact.enable=false"
+    if model_type in REFUSED:
+        raise ConfigError(
+            f"LongAct does not support model_type {model_type!r} ({where}): "
+            f"{REFUSED[model_type]}; {supported}"
+        )
+    raise ConfigError(
+        f"LongAct has no q/k adapter for model_type {model_type!r} ({where}); {supported}"
+    )
 
 
 def _check_chat_template(p: Path) -> None:

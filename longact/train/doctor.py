@@ -249,7 +249,7 @@ def _check_model(c: DictConfig, report: Report) -> None:
     model = json.loads(cfg.read_text())
     line = f"model: {path} ({model.get('model_type')}, {model.get('num_hidden_layers')} layers)"
     if c.longact.enable:
-        from longact.core.adapters import ADAPTERS
+        from longact.core.arch import ADAPTERS
 
         if model.get("model_type") in ADAPTERS:
             line += f", LongAct adapter {model['model_type']!r}"

@@ -68,7 +68,7 @@ from typing import Any
 import torch
 
 from longact.config import LongActConfig
-from longact.core.adapters import get_adapter
+from longact.core.arch import get_adapter
 from longact.core.capture import QKCapture
 from longact.core.masks import MaskSet
 from longact.core.sparse_update import RowMaskGuard

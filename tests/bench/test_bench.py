@@ -14,7 +14,7 @@ import pickle
 import pytest
 import torch
 
-from longact.core.adapters import QKLayout
+from longact.core.arch import QKLayout
 from longact.core.masks import MaskSet
 from longact.train.logs import parse_step_metrics
 

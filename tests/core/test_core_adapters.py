@@ -1,4 +1,5 @@
-"""Adapters: q/k modules, geometry, parameter names and their normalization, errors."""
+"""Adapters of the original families: q/k modules, geometry, parameter names and their
+normalization, errors. (The newer families: tests/core/arch/.)"""
 
 import pytest
 import torch
@@ -6,13 +7,13 @@ from longact_tiny import tiny_config, tiny_model
 from torch import nn
 from transformers import GPT2Config
 
-from longact.core.adapters import (
+from longact.core.arch import (
     ADAPTERS,
     ParamRef,
+    ProjGeom,
     QKLayout,
     get_adapter,
     normalize_param_name,
-    rope_pairs,
 )
 
 EXPECTED = {  # model_type: (has_bias, has_qk_norm)
@@ -37,15 +38,14 @@ def test_adapter_finds_qk_modules_and_geometry(model_type):
     assert ad.layout(model) == QKLayout(2, 8, 4, 2)
     assert ad.layout(model).rows("q") == 32 and ad.layout(model).rows("k") == 16
     has_bias, has_norm = EXPECTED[model_type]
-    assert ad.has_bias(model) is has_bias and ad.has_bias(model.config) is has_bias
-    assert ad.has_qk_norm is has_norm
     layers = ad.layers(model)
     assert [la.index for la in layers] == [0, 1]
     for la in layers:
         attn = model.model.layers[la.index].self_attn
-        assert la.q_proj is attn.q_proj and la.k_proj is attn.k_proj
+        assert la.proj("q") is attn.q_proj and la.proj("k") is attn.k_proj
         assert la.path == f"model.layers.{la.index}.self_attn"
-        assert (la.q_norm is not None) is has_norm and (la.k_norm is not None) is has_norm
+        assert (la.norm("q") is not None) is has_norm and (la.norm("k") is not None) is has_norm
+        assert la.rows["q"].tolist() == list(range(32)) and la.rows["k"].tolist() == list(range(16))
     names = [n for n, _, _ in ad.qk_params(model)]
     kinds = ("weight", "bias") if has_bias else ("weight",)
     expected = [ad.param_name(i, p, k) for i in range(2) for p in "qk" for k in kinds]
@@ -53,13 +53,13 @@ def test_adapter_finds_qk_modules_and_geometry(model_type):
     params = dict(model.named_parameters())
     for name, ref, param in ad.qk_params(model):
         assert params[name] is param
-        assert param.shape[0] == ad.layout(model).rows(ref.proj)
+        assert param.shape[0] == ad.layout(model).rows(ref.key)
 
 
-def test_llama_bias_flag_follows_config():
+def test_llama_bias_follows_config():
     model = tiny_model("llama", attention_bias=True)
-    assert get_adapter(model).has_bias(model)
-    assert get_adapter("llama").has_bias(tiny_config("llama", attention_bias=True))
+    kinds = {ref.kind for _, ref, _ in get_adapter(model).qk_params(model)}
+    assert kinds == {"weight", "bias"}
 
 
 def test_wrapper_prefixes_are_normalized():
@@ -70,8 +70,9 @@ def test_wrapper_prefixes_are_normalized():
         "model.layers.1._checkpoint_wrapped_module.self_attn.k_proj.weight",
     ):
         assert normalize_param_name(raw) == "model.layers.1.self_attn.k_proj.weight"
-        assert ad.match_param(raw) == ParamRef(1, "k", "weight")
-    assert ad.match_param("layers.0.self_attn.q_proj.bias") == ParamRef(0, "q", "bias")
+        assert ad.match_param(raw) == ParamRef(1, ("k",), "weight")
+    assert ad.match_param("layers.0.self_attn.q_proj.bias") == ParamRef(0, ("q",), "bias")
+    assert ad.match_param("layers.0.self_attn.q_proj.bias").key == (0, "q")
     assert ad.match_param("model.layers.0.self_attn.v_proj.weight") is None
     assert ad.match_param("model.layers.0.self_attn.q_norm.weight") is None
 
@@ -88,10 +89,11 @@ def test_compiled_wrapper_names():
 
 
 def test_rope_pairs_rotate_half():
-    assert rope_pairs(8, 4).tolist() == [[0, 2], [1, 3], [4, 6], [5, 7]]
-    assert get_adapter("qwen3").rope_pairs("k", QKLayout(1, 8, 4, 2)).shape == (8, 2)
-    with pytest.raises(ValueError, match="even head_dim"):
-        rope_pairs(6, 3)
+    assert ProjGeom(2, 4).pairs().tolist() == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert QKLayout(1, 8, 4, 2).geom((0, "k")).pairs().shape == (8, 2)
+    assert get_adapter("qwen3").layout(tiny_config("qwen3")) == QKLayout(2, 8, 4, 2)
+    with pytest.raises(ValueError, match="even"):
+        ProjGeom(2, 3).pairs()
 
 
 def test_unsupported_model_type_lists_supported():
@@ -119,7 +121,8 @@ def test_model_without_qk_projections_errors():
     with pytest.raises(ValueError, match="no q/k projections found"):
         get_adapter("qwen3").layers(_NoAttn())
     model = _NoAttn()
-    model.layers = nn.ModuleList([nn.Module()])
-    model.layers[0].self_attn = _FusedAttn()
-    with pytest.raises(ValueError, match="has no q_proj/k_proj"):
+    model.layers = nn.ModuleList([nn.Module(), nn.Module()])
+    for layer in model.layers:
+        layer.self_attn = _FusedAttn()
+    with pytest.raises(ValueError, match="has no q_proj for W_Q"):
         get_adapter("qwen3").layers(model)

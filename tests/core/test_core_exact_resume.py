@@ -19,7 +19,7 @@ from test_core_exact_update import (
     _warmup,
 )
 
-from longact.core.adapters import get_adapter
+from longact.core.arch import get_adapter
 from longact.core.exact_update import param_state
 from longact.core.masks import MaskSet
 from longact.core.sparse_update import RowMaskGuard

@@ -20,7 +20,7 @@ import pytest
 import torch
 from longact_tiny import tiny_model, token_batch
 
-from longact.core.adapters import get_adapter
+from longact.core.arch import get_adapter
 from longact.core.exact_update import exact_path_for, param_state
 from longact.core.masks import MaskSet, build_masks
 from longact.core.sparse_update import RowMaskGuard

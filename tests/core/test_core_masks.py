@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from longact.core.adapters import QKLayout
+from longact.core.arch import QKLayout
 from longact.core.masks import (
     GRANULARITIES,
     POLICIES,

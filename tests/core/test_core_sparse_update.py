@@ -8,7 +8,7 @@ import torch
 from longact_tiny import tiny_model, token_batch
 from torch import nn
 
-from longact.core.adapters import get_adapter
+from longact.core.arch import get_adapter
 from longact.core.capture import capture_qk_stats
 from longact.core.masks import MaskSet, build_masks
 from longact.core.sparse_update import RowMaskGuard

@@ -40,3 +40,18 @@ def test_write_then_rerun_is_a_no_op_and_force_rebuilds(tmp_path, capsys):
     assert main(["tiny-model", "--out", str(out), "--size", "xxs", "--seed", "4", "--force"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert weights.read_bytes() != before[1]
+
+
+def test_arch_writes_that_family_and_unknown_arch_lists_valid(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "phi"
+    assert main(["tiny-model", "--out", str(out), "--size", "xxs", "--arch", "phi3"]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "phi3"
+    assert json.loads((out / "longact_tiny.json").read_text())["arch"] == "phi3"
+    capsys.readouterr()
+    rc = main(["tiny-model", "--out", str(out), "--size", "xxs", "--arch", "olmo2"])
+    assert rc == 2 and "holds a tiny phi3 model" in capsys.readouterr().err
+    rc = main(["tiny-model", "--out", str(tmp_path / "x"), "--arch", "mamba"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "'mamba'" in err and "gemma4" in err and "qwen3_5" in err

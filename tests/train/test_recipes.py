@@ -18,7 +18,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Ray state API:DeprecationWarning"),
 ]
 
-RECIPES = ["dapo", "dapo_cpu", "grpo", "grpo_cpu"]
+RECIPES = ["dapo", "dapo_cpu", "grpo", "grpo_cpu", "paper_dapo", "paper_grpo"]
 
 
 def test_available_recipes():
@@ -35,7 +35,7 @@ def test_recipe_composes(compose_recipe, recipe):
     assert cfg.longact.enable is True and cfg.longact.ratio == 0.3
     assert cfg.longact.policy == "topk" and cfg.longact.granularity == "channel"
     assert cfg.trainer.experiment_name == recipe
-    dapo = recipe.startswith("dapo")
+    dapo = "dapo" in recipe
     if dapo:
         assert actor.clip_ratio_low == 0.2 and actor.clip_ratio_high == 0.28
         assert actor.use_kl_loss is False
@@ -57,6 +57,10 @@ def test_recipe_composes(compose_recipe, recipe):
         assert cfg.trainer.n_gpus_per_node == 8
     if recipe == "dapo_cpu":
         assert cfg.reward.reward_kwargs.overlong_buffer_cfg.len == 4
+    if recipe.startswith("paper_"):  # Qwen3-8B at 32k on 8 GPUs (README, "Sizing")
+        assert cfg.data.max_prompt_length + cfg.data.max_response_length == 32768
+        assert actor.fsdp_config.ulysses_sequence_parallel_size == 2
+        assert cfg.actor_rollout_ref.model.use_fused_kernels is True
 
 
 def test_cpu_recipe_ray_gpus_follow_ranks(compose_recipe):
@@ -75,7 +79,7 @@ def test_hydra_argv():
     assert default in ("grpo", "grpo_cpu")
     with pytest.raises(ConfigError) as e:
         hydra_argv(["recipe=nope", "x=1"])
-    assert str(e.value) == "unknown recipe 'nope'; available: dapo, dapo_cpu, grpo, grpo_cpu"
+    assert str(e.value) == f"unknown recipe 'nope'; available: {', '.join(RECIPES)}"
 
 
 def test_console_script_rejects_unknown_recipe():
@@ -92,7 +96,7 @@ def test_console_script_rejects_unknown_recipe():
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
-        "longact-train: error: unknown recipe 'nope'; available: dapo, dapo_cpu, grpo, grpo_cpu"
+        f"longact-train: error: unknown recipe 'nope'; available: {', '.join(RECIPES)}"
     )
     assert "Traceback" not in proc.stderr
     assert "ray" not in (proc.stdout + proc.stderr).lower()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from longact_tiny import runtime_step, tiny_model
 
-from longact.core.adapters import get_adapter
+from longact.core.arch import get_adapter
 from longact.distributed.coordinator import SaliencyCoordinator
 from longact.train.runtime import LongActRuntime, state_path
 
