@@ -63,6 +63,7 @@ setup(
     packages=[
         "longact",
         "longact.core",
+        "longact.core.arch",
         "longact.distributed",
         "longact.data",
         "longact.models",
