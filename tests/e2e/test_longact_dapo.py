@@ -67,7 +67,7 @@ def test_dapo_dynamic_sampling_exact_masks(tmp_path, tiny_dir, rl_data):
     # the bounded sampler's metrics: a share of groups filtered, within the rounds allowed
     shares = [metrics[s]["training/filter_groups/filtered_share"] for s in (1, 2, 3)]
     assert all(0.0 <= x < 1.0 for x in shares) and max(shares) > 0, shares
-    assert all(1 <= metrics[s]["training/filter_groups/gen_rounds"] <= 4 for s in (1, 2, 3))
+    assert all(1 <= metrics[s]["training/filter_groups/gen_rounds"] <= 16 for s in (1, 2, 3))
     # DAPO's dynamic sampling ran (the v1 trainer's group filter reports what it evicted)
     # (toy_reward gives even-indexed prompts no signal, so some groups are always dropped)
     evicted = [metrics[s].get("training/filter_groups/evicted_samples", 0) for s in metrics]

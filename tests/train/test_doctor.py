@@ -47,7 +47,7 @@ def test_dapo_recipe_is_quiet_once_longact_bounds_sampling(run_files, capsys, mo
         "recipe     dapo_cpu",
         "verl v1 (sync), device=cpu, 1 node(s) x 2 rank(s)",
         "rollout    hf, n=8",
-        "DAPO filter on 'acc', at most 4 rounds/step (enforced by LongAct)",
+        "DAPO filter on 'acc', at most 16 rounds/step (enforced by LongAct)",
         "longact    on: ratio=0.3 policy=topk",
         "LongAct adapter 'qwen3'",
         "(6 rows)",
@@ -67,7 +67,7 @@ def test_flags_max_num_gen_batches_where_longact_does_not_enforce_it(run_files, 
     assert main(args) == 0  # a warning, not a problem
     out = capsys.readouterr().out
     assert (
-        "no effect  algorithm.filter_groups.max_num_gen_batches=4: ignored by verl's v1 "
+        "no effect  algorithm.filter_groups.max_num_gen_batches=16: ignored by verl's v1 "
         "trainer (a custom sampler is configured)"
     ) in out, out
 
