@@ -74,6 +74,7 @@ setup(
         "longact.cli",
         "longact.launch",
         "longact.inspect",
+        "longact.ablate",
         "longact.workers",
         "longact.recipes",
         "longact.hydra_configs",

@@ -2,12 +2,15 @@
 
     longact inspect --model DIR --data FILE.parquet [--compare DIR2] [--n 16] \\
         [--ratio 0.3] [--policy topk] [--score mean_abs] [--granularity channel] \\
-        [--point proj|norm] [--out DIR] [--batch-size 4] [--seed 0]
+        [--point proj|norm] [--out DIR] [--batch-size 4] [--seed 0] \\
+        [--calib-n 0] [--calib-data FILE]
 
 Runs the model (HF dir or verl checkpoint: ``global_step_N``, ``.../actor`` or its
 ``huggingface/``) over the first ``n`` prompts, prints the concentration table and writes
 ``inspect.json``, ``heatmaps.png`` and, with ``--compare``, ``compare.png`` to ``--out``
-(default ``outputs/inspect/<model name>``). See ``longact.inspect``.
+(default ``outputs/inspect/<model name>``). With ``--calib-n N`` the mask is chosen on N
+calibration prompts (``--calib-data``, or the rows after the first ``n``) and measured on
+the ``n`` others; the last printed line sums it up. See ``longact.inspect``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, help="output dir (default outputs/inspect/<model>)")
     p.add_argument("--batch-size", type=int, default=4, help="prompts per forward (default 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random policy (default 0)")
+    p.add_argument("--calib-n", type=int, default=0,
+                   help="choose the mask on N calibration prompts, measure on the --n ones "
+                   "(default 0: the same prompts)")  # fmt: skip
+    p.add_argument("--calib-data", default=None,
+                   help="calibration parquet (default: the rows after the first --n)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -61,6 +69,8 @@ def run(args) -> int:
         "point": args.point,
         "batch_size": args.batch_size,
         "seed": args.seed,
+        "calib_n": args.calib_n,
+        "calib_data": args.calib_data,
     }
     try:
         result = inspect_model(args.model, args.data, **opts)

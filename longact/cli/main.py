@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # module name under longact.cli -> registers one or more sub-commands
-COMMAND_MODULES = ["tiny_model", "doctor", "data", "warmup", "eval", "submit", "inspect"]
+COMMAND_MODULES = ["tiny_model", "doctor", "data", "warmup", "eval", "ablate", "submit", "inspect"]
 
 
 class UsageError(Exception):

@@ -23,7 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
-from longact.demo.stats import Interval, mean_ci, paired, pooled_paired
+from longact.eval.stats import Interval, mean_ci, paired, pooled_paired
 
 ALGO_NAMES = {"grpo": "GRPO", "dapo": "DAPO"}
 

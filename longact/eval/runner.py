@@ -126,6 +126,77 @@ def pick_backend(backend: str) -> str:
     return "vllm" if torch.cuda.is_available() else "hf"
 
 
+Job = tuple[str, int, list[dict]]  # (task, length, dataset rows)
+
+
+def make_jobs(
+    tok,
+    tasks: list[str],
+    lengths: list[int],
+    n: int,
+    seed: int,
+    task_opts: dict | None,
+    records: list[dict] = (),
+) -> list[Job]:
+    """The rows to score: ``n`` per task and length (and the LongBench v2 ``records`` cut
+    to every length), with the model's tokenizer."""
+    from longact.data.base import OPTIONS
+
+    jobs = []
+    for task in tasks:
+        opts = {k: v for k, v in (task_opts or {}).items() if k in OPTIONS[task]}
+        for length in lengths:
+            jobs.append((task, length, make_dataset(task, tok, length, n, seed=seed, **opts)))
+    for length in lengths if records else []:
+        jobs.append((lb.DATA_SOURCE, length, lb.make_rows(records, tok, length)))
+    return jobs  # fmt: skip
+
+
+def count_batches(jobs: list[Job], batch_size: int) -> int:
+    return sum(-(-len(rows) // batch_size) for _, _, rows in jobs)
+
+
+def prompt_texts(tok, rows: list[dict]) -> list[str]:
+    """The chat-templated prompt of each row, as the model sees it."""
+    return [
+        tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
+        for r in rows
+    ]
+
+
+def run_jobs(generate, tok, jobs: list[Job], batch_size: int, bar=None) -> list[dict]:
+    """Generate for every row of ``jobs`` (in order, ``batch_size`` at a time) and score
+    each response with the training reward: one sample record per row."""
+    samples = []
+    for task, length, rows in jobs:
+        if bar is not None:
+            bar.set_postfix_str(f"{task}@{length}")
+        texts = prompt_texts(tok, rows)
+        responses: list[str] = []
+        for i in range(0, len(texts), batch_size):
+            responses += generate(texts[i : i + batch_size])
+            if bar is not None:
+                bar.update(1)
+        for row, resp in zip(rows, responses):
+            gt = row["reward_model"]["ground_truth"]
+            s = compute_score(row["data_source"], resp, gt, row["extra_info"])
+            info = row["extra_info"]
+            samples.append(
+                {
+                    "task": task,
+                    "length": length,
+                    "index": info["index"],
+                    "depth": info["depth"],
+                    "num_tokens": info["num_tokens"],
+                    "score": s["score"],
+                    "recall": s["recall"],
+                    "response": resp,
+                    "ground_truth": list(gt),
+                }
+            )
+    return samples
+
+
 def evaluate(
     model_dir: str | Path,
     tasks: list[str],
@@ -145,7 +216,6 @@ def evaluate(
 
     ``task_opts`` (e.g. ``{"value_digits": 2}``) go to every task that has the option.
     """
-    from longact.data.base import OPTIONS
     from longact.data.tasks import TASKS
 
     for task in tasks:
@@ -155,48 +225,14 @@ def evaluate(
     model_path = resolve_model_dir(model_dir)
     tok = load_tokenizer(model_path)
     records = lb.load(longbench)[:n] if longbench else []
-    jobs = []  # (task, length, rows)
-    for task in tasks:
-        opts = {k: v for k, v in (task_opts or {}).items() if k in OPTIONS[task]}
-        for length in lengths:
-            jobs.append((task, length, make_dataset(task, tok, length, n, seed=seed, **opts)))
-    for length in lengths if records else []:
-        jobs.append((lb.DATA_SOURCE, length, lb.make_rows(records, tok, length)))
+    jobs = make_jobs(tok, tasks, lengths, n, seed, task_opts, records)
     backend = pick_backend(backend)
     if backend == "vllm":
         generate = VLLMGenerator(model_path, tok, max_new_tokens, max(lengths))
     else:
         generate = HFGenerator(model_path, tok, max_new_tokens)
-    total = sum(-(-len(rows) // batch_size) for _, _, rows in jobs)
-    bar = tqdm(total=total, desc="eval", disable=not progress)
-    samples = []
-    for task, length, rows in jobs:
-        bar.set_postfix_str(f"{task}@{length}")
-        texts = [
-            tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True)
-            for r in rows
-        ]
-        responses: list[str] = []
-        for i in range(0, len(texts), batch_size):
-            responses += generate(texts[i : i + batch_size])
-            bar.update(1)
-        for row, resp in zip(rows, responses):
-            gt = row["reward_model"]["ground_truth"]
-            s = compute_score(row["data_source"], resp, gt, row["extra_info"])
-            info = row["extra_info"]
-            samples.append(
-                {
-                    "task": task,
-                    "length": length,
-                    "index": info["index"],
-                    "depth": info["depth"],
-                    "num_tokens": info["num_tokens"],
-                    "score": s["score"],
-                    "recall": s["recall"],
-                    "response": resp,
-                    "ground_truth": list(gt),
-                }
-            )
+    bar = tqdm(total=count_batches(jobs, batch_size), desc="eval", disable=not progress)
+    samples = run_jobs(generate, tok, jobs, batch_size, bar)
     bar.close()
     results = {
         "model": str(model_path),

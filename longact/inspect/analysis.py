@@ -23,7 +23,12 @@ mean |x| ``m`` (the magnitude the paper and AWQ use, whatever ``score`` selects 
   ``d < R/2`` / ``d >= R/2`` are rotation partners with the same frequencies, not
   frequency bands.) Channels that never turn (partial rotary's pass-through channels,
   pairs at frequency 0, layers without RoPE) have frequency 0 and count as low
-  frequency (``ProjGeom.freq_index``). Full rotation, uniform: ~0.5.
+  frequency (``ProjGeom.freq_index``). Full rotation, uniform: ~0.5;
+* ``kept_low_freq``: the same fraction for the channels the mask keeps.
+
+Calibration/evaluation split (``calib_n``): the mask can be chosen on calibration
+prompts kept apart from the measured ones, so ``kept_mass`` is out of sample (see
+:func:`inspect_model`); ``longact ablate`` uses the same split.
 
 ``compare_results(a, b)`` adds the per-key Jaccard overlap of the two models' masks.
 Results are plain JSON-able dicts; per-channel values live under ``"channels"`` so
@@ -76,8 +81,9 @@ def _messages(prompt: Any) -> Any:
     return prompt
 
 
-def load_prompts(data: str | Path | list[dict], n: int) -> list[list[dict]]:
-    """The chat ``prompt`` of the first ``n`` rows of a parquet file (or of given rows)."""
+def load_prompts(data: str | Path | list[dict], n: int, offset: int = 0) -> list[list[dict]]:
+    """The chat ``prompt`` of ``n`` rows of a parquet file (or of given rows), from row
+    ``offset`` on."""
     if isinstance(data, (str, Path)):
         path = Path(data)
         if not path.is_file():
@@ -92,13 +98,14 @@ def load_prompts(data: str | Path | list[dict], n: int) -> list[list[dict]]:
             raise InspectError(
                 f"{path} has no 'prompt' column (columns: {', '.join(map(str, frame.columns))})"
             )
-        prompts = [_messages(p) for p in frame["prompt"].head(n)]
+        prompts = [_messages(p) for p in frame["prompt"].iloc[offset : offset + n]]
     else:
-        if any("prompt" not in r for r in data[:n]):
+        rows = data[offset : offset + n]
+        if any("prompt" not in r for r in rows):
             raise InspectError("every data row needs a 'prompt' (a list of chat messages)")
-        prompts = [r["prompt"] for r in data[:n]]
+        prompts = [r["prompt"] for r in rows]
     if not prompts:
-        raise InspectError("no prompts in the data")
+        raise InspectError(f"no prompts in the data from row {offset} on")
     for p in prompts:
         if not isinstance(p, list) or not all(isinstance(m, dict) and "content" in m for m in p):
             raise InspectError("'prompt' must be a list of chat messages with role/content")
@@ -160,11 +167,19 @@ def _key_metrics(m: torch.Tensor, mask: torch.Tensor, geom: ProjGeom) -> dict[st
         "kept_fraction": float(mask.double().mean()),
         "kept_mass": float(m[mask].sum()) / total if total else 0.0,
         "low_freq_top30": float((freq >= 0.5).double().mean()),
+        "kept_low_freq": float((geom.freq_index()[mask] >= 0.5).double().mean()),
         "top_channels": order[:8].tolist(),
     }
 
 
-METRICS = ("top10_share", "top30_share", "max_over_mean", "kept_mass", "low_freq_top30")
+METRICS = (
+    "top10_share",
+    "top30_share",
+    "max_over_mean",
+    "kept_mass",
+    "low_freq_top30",
+    "kept_low_freq",
+)
 
 
 def _by_proj(rows: list[dict], reduce: Callable[[list[dict]], Any]) -> dict[str, Any]:
@@ -181,26 +196,8 @@ def _means(rows: list[dict]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def inspect_model(
-    model_dir: str | Path,
-    data: str | Path | list[dict],
-    *,
-    n: int = 16,
-    ratio: float = 0.3,
-    policy: str = "topk",
-    score: str = "mean_abs",
-    granularity: str = "channel",
-    point: str = "proj",
-    batch_size: int = 4,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Capture q/k statistics of ``model_dir`` over the first ``n`` prompts of ``data``."""
-    _check_settings(n, ratio, policy, score, granularity, point, batch_size)
-    prompts = load_prompts(data, n)
-    path, tok, model, adapter, layout, model_type = _load(model_dir)
-    texts = [
-        tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
-    ]
+def _capture(model, tok, adapter, texts: list[str], point: str, batch_size: int):
+    """QKStats of ``texts`` (right-padded batches, real tokens only)."""
     device = next(model.parameters()).device
     try:
         capture = capture_qk_stats(model, adapter, point=point, during_no_grad=True)
@@ -217,10 +214,64 @@ def inspect_model(
             ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
             cap.set_token_mask(attn.bool())  # real tokens only
             model(input_ids=ids, attention_mask=attn, use_cache=False)
-        stats = cap.take()
+        return cap.take()
+
+
+@torch.no_grad()
+def inspect_model(
+    model_dir: str | Path,
+    data: str | Path | list[dict],
+    *,
+    n: int = 16,
+    ratio: float = 0.3,
+    policy: str = "topk",
+    score: str = "mean_abs",
+    granularity: str = "channel",
+    point: str = "proj",
+    batch_size: int = 4,
+    seed: int = 0,
+    calib_n: int = 0,
+    calib_data: str | Path | list[dict] | None = None,
+) -> dict[str, Any]:
+    """Capture q/k statistics of ``model_dir`` over the first ``n`` prompts of ``data``.
+
+    With ``calib_n > 0`` the mask is chosen on ``calib_n`` calibration prompts - the
+    first rows of ``calib_data``, or the rows after the first ``n`` of ``data`` - and every
+    number is measured on the ``n`` evaluation prompts: ``kept_mass`` is then the share of
+    held-out |x| mass on channels chosen without seeing it. A calibration prompt equal to
+    an evaluation prompt is dropped. With ``calib_n=0`` the mask is chosen on the
+    evaluation prompts themselves (in-sample)."""
+    _check_settings(n, ratio, policy, score, granularity, point, batch_size)
+    if calib_n < 0:
+        raise InspectError(f"calib_n must be >= 0, got {calib_n}")
+    prompts = load_prompts(data, n)
+    calib = []
+    if calib_n:
+        calib = load_prompts(calib_data if calib_data is not None else data, calib_n,
+                             offset=0 if calib_data is not None else n)  # fmt: skip
+    path, tok, model, adapter, layout, model_type = _load(model_dir)
+    texts = [
+        tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
+    ]
+    stats = _capture(model, tok, adapter, texts, point, batch_size)
+    mask_stats, calibration = stats, {"source": "the evaluation prompts (in-sample)"}
+    if calib:
+        ctexts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                  for p in calib]  # fmt: skip
+        kept = [t for t in ctexts if t not in set(texts)]
+        if not kept:
+            raise InspectError("every calibration prompt is also an evaluation prompt")
+        mask_stats = _capture(model, tok, adapter, kept, point, batch_size)
+        calibration = {
+            "source": str(calib_data) if isinstance(calib_data, (str, Path))
+            else "<rows>" if calib_data is not None else f"rows {n}.. of the data",
+            "n": len(kept), "dropped_overlap": len(ctexts) - len(kept),
+            "tokens": int(mask_stats.token_count(layout.keys()[0])),
+        }  # fmt: skip
     masks = build_masks(
-        stats, layout, ratio=ratio, policy=policy, score=score, granularity=granularity, seed=seed
-    )
+        mask_stats, layout, ratio=ratio, policy=policy, score=score, granularity=granularity,
+        seed=seed,
+    )  # fmt: skip
     keys, channels = [], {}
     for key in layout:
         m = stats.score(key, "mean_abs").double().cpu()  # (C,)
@@ -239,6 +290,7 @@ def inspect_model(
         "data": str(data) if isinstance(data, (str, Path)) else "<rows>",
         "n": len(prompts),
         "tokens": int(stats.token_count(layout.keys()[0])),
+        "calibration": calibration,
         "settings": {
             "ratio": ratio,
             "policy": policy,

@@ -3,7 +3,8 @@
 ``summary_table(result)`` is the printed table: one row per (layer, projection) with the
 top-10% / top-30% share of mean |x| mass, max/mean, the mass on the mask's kept channels,
 the low-frequency fraction of the top-30% channels (and, after ``compare_results``, the
-Jaccard overlap with the second model), then means per projection.
+Jaccard overlap with the second model), then means per projection, then
+``summary_line``: the mask's share of |x| mass and where its channels sit in RoPE.
 ``write_outputs(result, out_dir)`` writes ``inspect.json`` (everything, including the
 per-channel values the plots are drawn from), ``heatmaps.png`` and, with a comparison,
 ``compare.png``; it returns ``{"json": ..., "heatmaps": ..., "compare": ...}`` paths.
@@ -59,7 +60,26 @@ def summary_table(result: dict) -> str:
     for proj in ("q", "k", "all"):
         j = cmp_["jaccard_mean"][proj] if cmp_ else None
         lines.append(row("mean", proj, result["overall"][proj], j))
-    return "\n".join(lines)
+    return "\n".join([*lines, "", summary_line(result)])
+
+
+def summary_line(result: dict) -> str:
+    """The one sentence to take away: the mass the mask's channels hold, and where they
+    sit in the RoPE spectrum, on the measured prompts."""
+    s, ov = result["settings"], result["overall"]
+    cal = result.get("calibration", {"source": "the evaluation prompts (in-sample)"})
+    chosen = (
+        f"chosen on {cal['n']} calibration prompts ({cal['source']})" if "n" in cal
+        else "chosen on the same prompts (in-sample; --calib-n N for a held-out split)"
+    )  # fmt: skip
+    uniform = sum(r["kept_fraction"] for r in result["keys"]) / len(result["keys"])
+    return (
+        f"summary: the {s['policy']} {100 * s['ratio']:g}% channels, {chosen}, hold "
+        f"{100 * ov['q']['kept_mass']:.0f}% of |q| and {100 * ov['k']['kept_mass']:.0f}% of "
+        f"|k| mass on the {result['n']} measured prompts (uniform: ~{100 * uniform:.0f}%); "
+        f"{100 * ov['all']['kept_low_freq']:.0f}% of them sit in the low-frequency half of "
+        "RoPE (uniform: ~50%)."
+    )
 
 
 def write_outputs(result: dict, out_dir: str | Path) -> dict[str, str]:

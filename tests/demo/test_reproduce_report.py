@@ -15,7 +15,7 @@ import pytest
 from longact.demo.pipeline import load_config
 from longact.demo.reproduce import experiment_cfg, experiment_key, load_runs, plan
 from longact.demo.reproduce_report import analysis, write_report
-from longact.demo.stats import paired, pooled_paired
+from longact.eval.stats import paired, pooled_paired
 
 T2 = 4.303  # two-sided 95% t, df 2 (printed tables)
 

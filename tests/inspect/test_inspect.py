@@ -128,3 +128,34 @@ def test_clear_errors(tiny_models, niah_parquet, tmp_path, capsys):
     assert "does not exist" in err
     with pytest.raises(InspectError, match="n must be at least 1"):
         inspect_model(m, d, n=-1)
+
+
+def test_calibration_split_chooses_on_other_prompts(tiny_models, niah_parquet, tmp_path, capsys):
+    """--calib-n: the mask comes from the calibration rows alone (the same as an in-sample
+    inspection of those rows), every number from the evaluation rows; overlaps dropped."""
+    rows = read_parquet(niah_parquet)
+    split = inspect_model(tiny_models[0], niah_parquet, n=2, calib_n=2)
+    on_calib = inspect_model(tiny_models[0], rows[2:4], n=2)
+    on_eval = inspect_model(tiny_models[0], rows[:2], n=2)
+    assert split["calibration"] == {"source": "rows 2.. of the data", "n": 2,
+                                    "dropped_overlap": 0, "tokens": on_calib["tokens"]}  # fmt: skip
+    assert split["tokens"] == on_eval["tokens"]
+    for key, ch in split["channels"].items():
+        assert ch["kept"] == on_calib["channels"][key]["kept"]
+        assert ch["mean_abs"] == on_eval["channels"][key]["mean_abs"]
+    # held-out mass on calibration-chosen channels is at most the in-sample top-30% mass
+    for r in split["keys"]:
+        assert r["kept_mass"] <= r["top30_share"] + 1e-9
+    part = inspect_model(tiny_models[0], niah_parquet, n=2, calib_n=3, calib_data=rows[1:4])
+    assert part["calibration"]["dropped_overlap"] == 1 and part["calibration"]["n"] == 2
+    with pytest.raises(InspectError, match="every calibration prompt is also an evaluation"):
+        inspect_model(tiny_models[0], niah_parquet, n=4, calib_n=2, calib_data=rows)
+    out = tmp_path / "split"
+    args = ["--model", str(tiny_models[0]), "--data", str(niah_parquet), "--out", str(out)]
+    assert run_cli(*args, "--n", "2", "--calib-n", "2") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    last = lines[-2]  # the table's last line; then the "wrote ..." line
+    assert last.startswith("summary: the topk 30% channels, chosen on 2 calibration prompts")
+    assert "of |q| and" in last and "low-frequency half of RoPE" in last
+    assert run_cli(*args, "--n", "2") == 0
+    assert "in-sample" in capsys.readouterr().out.strip().splitlines()[-2]

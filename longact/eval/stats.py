@@ -10,6 +10,10 @@ remove the seed-to-seed spread the arms share.
 - :func:`pooled_paired`: each seed's difference averaged over several lengths first,
   then the same interval over seeds (lengths of one seed are not independent, so they
   are not counted as extra samples).
+
+For accuracies on n prompts (``longact ablate``, the demo): :func:`wilson`, the 95% Wilson
+score interval of a proportion; the paired difference of two models or two arms on the
+same prompts is :func:`mean_ci` over the per-prompt score differences.
 """
 
 from __future__ import annotations
@@ -86,6 +90,20 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
     if len(xs) < 2:
         return m, float("nan")
     return m, t975(len(xs) - 1) * statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+Z975 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def wilson(successes: float, n: int) -> tuple[float, float]:
+    """95% Wilson score interval (low, high) of a proportion ``successes / n``; scores in
+    [0, 1] that are not 0/1 enter through their sum. n = 0 gives (nan, nan)."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    p, z2 = successes / n, Z975**2
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z975 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def welch(a: list[float], b: list[float]) -> tuple[float, float]:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from longact.demo.stats import mean_ci, verdict, welch
+from longact.eval.stats import mean_ci, verdict, welch
 
 
 def test_mean_ci_three_seeds():
@@ -57,13 +57,13 @@ def test_welch_identical_constant_arms_tie():
     ],
 )
 def test_t_quantile_matches_the_tables(df, expected):
-    from longact.demo.stats import t975
+    from longact.eval.stats import t975
 
     assert t975(df) == pytest.approx(expected, abs=5e-4)
 
 
 def test_t_quantile_for_welch_fractional_df_and_symmetry():
-    from longact.demo.stats import t_cdf, t_quantile
+    from longact.eval.stats import t_cdf, t_quantile
 
     q = t_quantile(0.975, 7.5)  # between t(7) = 2.365 and t(8) = 2.306
     assert 2.306 < q < 2.365 and t_cdf(q, 7.5) == pytest.approx(0.975, abs=1e-10)
@@ -76,3 +76,15 @@ def test_no_spread_or_one_seed_gives_no_verdict():
     assert d == pytest.approx(0.1) and math.isnan(h) and verdict(d, h) == "n/a"
     d, h = welch([0.7], [0.5, 0.6])  # one seed: no variance to estimate
     assert math.isnan(h) and verdict(d, h) == "n/a"
+
+
+def test_wilson_matches_textbook_values():
+    """Wilson 95% intervals: 8/10 -> (0.4902, 0.9433), 0/10 -> (0, 0.2775)
+    (Newcombe 1998, Table I method 3 / Brown, Cai & DasGupta 2001)."""
+    from longact.eval.stats import wilson
+
+    assert wilson(8, 10) == pytest.approx((0.4902, 0.9433), abs=1e-4)
+    assert wilson(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    low, high = wilson(0, 0)
+    assert low != low and high != high  # nan: no prompts, no interval
