@@ -70,15 +70,18 @@ def plan(cfg: dict) -> list[Run]:
 
 
 def experiment_cfg(cfg: dict) -> dict:
-    """The demo config with the reproduction's warm-up and RL settings applied."""
+    """The config of the reproduction: the demo's model and task, with the warm-up and RL
+    settings of its own ``reproduce:`` section (none of the demo's ``sft`` / ``rl``)."""
     rep = cfg["reproduce"]
-    out = {**cfg, "sft": {**cfg["sft"], **rep["sft"]}}
+    out = {**cfg, "sft": dict(rep["sft"])}
     out["rl"] = {
-        **cfg["rl"],
+        "recipe": None,  # per run: reproduce.recipes[algo]
         "train_length": rep["rl_length"],
         "train_samples": rep["train_samples"],
+        "val_samples": 32,  # verl needs a validation file; the runs do not validate
         "steps": rep["steps"],
         "test_freq": -1,
+        "overrides": list(rep["rl_overrides"]),
     }
     return out
 
@@ -86,7 +89,7 @@ def experiment_cfg(cfg: dict) -> dict:
 def experiment_key(cfg: dict) -> str:
     """What every run's result depends on, beyond its own (algo, arm, seed)."""
     rep = {k: v for k, v in cfg["reproduce"].items() if k != "grid"}
-    return config_hash([rep, cfg["model"], cfg["task"], cfg["sft"], cfg["rl"]["overrides"]])
+    return config_hash([rep, cfg["model"], cfg["task"]])
 
 
 def run_overrides(cfg: dict, run: Run, data_dir: Path) -> list[str]:
