@@ -18,7 +18,7 @@ demo: setup
 	$(PY) -m longact.demo.pipeline --out runs/demo
 
 test: setup lint
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=20
 
 test-fast: setup
 	$(PY) -m pytest tests -q -m "not slow"

@@ -24,6 +24,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from longact.eval.report import length_axes, save_figure
 from longact.eval.stats import mean_ci
 
 COLORS = {"none": "#222222", "topk": "#c0392b", "bottomk": "#2471a3", "random": "#7f8c8d"}
@@ -206,19 +207,9 @@ def plot(result: dict, path: str | Path) -> Path:
             c = COLORS.get(policy, None)
             ax.plot(lengths, ys, STYLES.get(policy, "o-"), color=c, lw=2, label=label)
             ax.fill_between(lengths, lo, hi, color=c, alpha=0.15)
-        ax.set_xticks(lengths, [str(n) for n in lengths])
-        ax.set_ylim(-3, 103)
-        ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("accuracy (%)")
         ratio = 100 * result["settings"]["ratio"]
-        ax.set_title(f"{task}: {ratio:g}% of Q/K channels disrupted per layer")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+        length_axes(ax, lengths, f"{task}: {ratio:g}% of Q/K channels disrupted per layer")
+    return save_figure(fig, path)
 
 
 def write(result: dict, out_dir: str | Path) -> dict[str, str]:

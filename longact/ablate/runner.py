@@ -98,26 +98,13 @@ def calibration_rows(
     ]
 
 
-@torch.no_grad()
 def calibrate(model, tok, texts: list[str], adapter, point: str, batch_size: int):
-    """(QKStats, {key: (C,) mean}) over the real tokens of ``texts`` (right padding)."""
-    side, tok.padding_side = tok.padding_side, "right"
-    device = next(model.parameters()).device
-    try:
-        with CalibrationCapture(model, adapter, point) as cap:
-            for i in range(0, len(texts), batch_size):
-                enc = tok(
-                    texts[i : i + batch_size],
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=False,
-                )
-                ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-                cap.set_token_mask(attn.bool())
-                model(input_ids=ids, attention_mask=attn, use_cache=False)
-            return cap.take(), cap.means()
-    finally:
-        tok.padding_side = side
+    """(QKStats, {key: (C,) mean}) over the real tokens of ``texts``."""
+    from longact.inspect.analysis import run_prompts
+
+    with CalibrationCapture(model, adapter, point) as cap:
+        run_prompts(model, tok, texts, cap, batch_size)
+        return cap.take(), cap.means()
 
 
 def choose_channels(stats, layout, arm: Arm, ratio: float, score: str, granularity: str):

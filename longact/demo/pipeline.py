@@ -6,12 +6,15 @@ Stages (each cached under ``--out``; a rerun reuses finished ones):
 2. ``data``    supervised warm-up data at short contexts, RL data at a longer one;
 3. ``sft``     supervised warm-up with verl's SFT trainer (torchrun, FSDP2 on gloo): the
                paper starts RL from an SFT model, and RL needs a non-zero reward to start;
-4. ``eval_sft`` accuracy by context length after the warm-up;
-5. ``rl``      DAPO with LongAct (ratio 0.3) through ``longact-train``, 2 ranks, at a
+4. ``ablate``  ``longact ablate`` of the warm-up model: accuracy by length with its top-k
+               Q/K channels disrupted, with as many random ones, with the lowest, and
+               with none - the ``none`` arm is the accuracy before RL;
+5. ``rl``      RL with LongAct (ratio 0.3) through ``longact-train``, 2 ranks, at a
                context length where the warm-up alone falls off;
-6. ``eval_rl`` accuracy by context length after RL;
-7. ``inspect`` per-channel |Q| / |K| heatmaps with the mask, SFT vs RL model;
-8. ``report``  ``report.md`` with plots (reward per step, accuracy vs length, heatmaps).
+6. ``eval_rl`` accuracy by context length after RL, on the same held-out prompts;
+7. ``inspect`` per-channel |Q| / |K| heatmaps with the mask (chosen on calibration
+               prompts, measured on others), SFT vs RL model;
+8. ``report``  ``report.md``: one page of plots, each with what it shows.
 
 Settings live in ``hydra_configs/demo.yaml``; ``key=value`` arguments override them.
 """
@@ -84,16 +87,43 @@ def stage_sft(cfg: dict, model_dir: Path, data: Path, out: Path) -> dict:
     return {"model": str(hf.relative_to(out))}
 
 
+EVAL_SEED = 4  # held-out prompts: the data stage uses seeds 1-3
+
+
+def _eval_kw(cfg: dict) -> dict:
+    """The evaluation both the ablation's ``none`` arm and ``eval_rl`` run: same prompts,
+    same batches, so the two are paired prompt by prompt."""
+    ev = cfg["eval"]
+    return dict(seed=EVAL_SEED, batch_size=ev["batch_size"], max_new_tokens=8,
+                task_opts=cfg["task"]["options"])  # fmt: skip
+
+
+def stage_ablate(cfg: dict, model_dir: Path, out: Path) -> dict:
+    from longact.ablate import ablate, headline, write
+
+    ab, ev = cfg["ablate"], cfg["eval"]
+    res = ablate(
+        model_dir, [cfg["task"]["name"]], ev["lengths"], ev["samples"], seeds=ab["seeds"],
+        ratio=ab["ratio"], calib_n=ab["calib_n"], **_eval_kw(cfg),
+    )  # fmt: skip
+    write(res, out)
+    _say("  " + headline(res, res["comparisons"]))
+    none = next(a for a in res["arms"] if a["policy"] == "none")
+    acc = {int(e["length"]): e["accuracy"] for e in none["summary"]}
+    _say("  accuracy by length (no disruption): "
+         + ", ".join(f"{k}: {v:.2f}" for k, v in acc.items()))  # fmt: skip
+    return {"accuracy": acc, "scores": none["scores"]}
+
+
 def stage_eval(cfg: dict, model_dir: Path, out: Path) -> dict:
     from longact.eval.runner import evaluate
 
-    res = evaluate(
-        model_dir, [cfg["task"]["name"]], cfg["eval"]["lengths"], cfg["eval"]["samples"],
-        out_dir=out, seed=4, max_new_tokens=8, task_opts=cfg["task"]["options"],
-    )  # fmt: skip
+    ev = cfg["eval"]
+    res = evaluate(model_dir, [cfg["task"]["name"]], ev["lengths"], ev["samples"], out_dir=out,
+                   progress=False, **_eval_kw(cfg))  # fmt: skip
     acc = {int(r["length"]): r["accuracy"] for r in res["summary"]}
     _say("  accuracy by length: " + ", ".join(f"{k}: {v:.2f}" for k, v in acc.items()))
-    return {"accuracy": acc}
+    return {"accuracy": acc, "scores": [s["score"] for s in res["samples"]]}
 
 
 def _val_reward(m: dict[str, float]) -> float | None:
@@ -111,7 +141,8 @@ def stage_rl(cfg: dict, sft_model: Path, data_dir: Path, out: Path) -> dict:
         f"data.val_files={data_dir / 'rl_val.parquet'}",
         f"actor_rollout_ref.model.path={sft_model}",
         f"trainer.total_training_steps={steps}", f"trainer.save_freq={steps}",
-        f"trainer.test_freq={rl['test_freq']}", "trainer.val_before_train=true",
+        f"trainer.test_freq={rl['test_freq']}",
+        f"trainer.val_before_train={str(rl['test_freq'] > 0).lower()}",
         f"trainer.default_local_dir={out / 'ckpt'}", "trainer.experiment_name=demo",
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
         *rl["overrides"],
@@ -145,15 +176,18 @@ def stage_rl(cfg: dict, sft_model: Path, data_dir: Path, out: Path) -> dict:
 
 def stage_inspect(cfg: dict, sft_model: Path, rl_model: Path, data: Path, out: Path) -> dict:
     from longact.inspect import compare_results, inspect_model, plot_compare, plot_heatmaps
+    from longact.inspect.report import summary_line
 
-    kw = dict(n=cfg["inspect"]["samples"], ratio=cfg["inspect"]["ratio"])
+    ins = cfg["inspect"]
+    kw = dict(n=ins["samples"], ratio=ins["ratio"], calib_n=ins["calib_n"])
     sft = inspect_model(sft_model, data, **kw)
     rl = inspect_model(rl_model, data, **kw)
     plot_heatmaps(sft, out / "heatmaps_sft.png")
     compare = compare_results(sft, rl)  # also stored as sft["compare"]
     plot_compare(sft, out / "compare_sft_rl.png")
     (out / "inspect.json").write_text(json.dumps(sft, indent=1, default=str))
-    return {"sft_overall": sft.get("overall"), "jaccard_sft_rl": compare["jaccard_mean"]}
+    return {"sft_overall": sft.get("overall"), "jaccard_sft_rl": compare["jaccard_mean"],
+            "summary_sft": summary_line(sft), "summary_rl": summary_line(rl)}  # fmt: skip
 
 
 # ---- driver ----------------------------------------------------------------------------
@@ -184,7 +218,9 @@ def run(out: Path, cfg: dict) -> Path:
     t_start = time.time()
     _, data_dir, sft_model = shared_stages(st, cfg)
     ev_sft = st.run(
-        "eval_sft", [cfg["eval"], cfg["sft"], cfg["task"]], lambda d: stage_eval(cfg, sft_model, d)
+        "ablate",
+        [cfg["eval"], cfg["ablate"], cfg["sft"], cfg["task"]],
+        lambda d: stage_ablate(cfg, sft_model, d),
     )
     rl = st.run(
         "rl", [cfg["rl"], cfg["sft"], cfg["task"]], lambda d: stage_rl(cfg, sft_model, data_dir, d)
@@ -193,12 +229,12 @@ def run(out: Path, cfg: dict) -> Path:
     ev_rl = st.run(
         "eval_rl", [cfg["eval"], cfg["rl"], cfg["sft"]], lambda d: stage_eval(cfg, rl_model, d)
     )
-    st.run(
+    insp = st.run(
         "inspect",
         [cfg["inspect"], cfg["rl"], cfg["sft"]],
         lambda d: stage_inspect(cfg, sft_model, rl_model, data_dir / "rl_val.parquet", d),
     )
-    report = write_report(out, cfg, st, ev_sft, ev_rl, rl)
+    report = write_report(out, cfg, st, ev_sft, ev_rl, rl, insp, time.time() - t_start)
     _say(f"report: {report}  (total {time.time() - t_start:.0f}s)")
     return report
 

@@ -1,9 +1,21 @@
-"""The demo's report: ``report.md`` with plots of reward per step, accuracy by context
-length before and after RL, the warm-up loss, and the Q/K heatmaps with the mask."""
+"""The demo's report: one page, four figures, each with one sentence of what it shows.
+
+1. the ablation of the warm-up model (``ablate/ablate.png``, written by the ablate stage);
+2. accuracy by context length before and after RL, 95% Wilson bands, and the gain at the
+   RL length with a paired interval over the same held-out prompts;
+3. reward per RL step;
+4. the Q/K channel heatmaps of the warm-up model with its mask, and the mask overlap of
+   the warm-up and RL models.
+
+The sentences are written from the numbers of the run, whatever they say.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import statistics
 import time
 from pathlib import Path
 
@@ -12,52 +24,57 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from longact.eval.stats import mean_ci, wilson  # noqa: E402
 
-def _plot_rewards(metrics: dict, out: Path) -> dict:
-    steps = sorted(int(s) for s in metrics)
-    batch = [
-        (s, metrics[str(s)]["critic/score/mean"])
-        for s in steps
-        if "critic/score/mean" in metrics[str(s)]
-    ]
-    val = []
-    for s in steps:
-        m = metrics[str(s)]
-        keys = [k for k in m if k.startswith("val-core/") and "/acc/mean" in k]
-        if keys:
-            val.append((s, m[keys[0]]))
+
+def paired_gain(cfg: dict, before: list[float], after: list[float]) -> dict[int, dict]:
+    """{length: before, after (with Wilson intervals) and the paired gain after - before
+    with its 95% t interval over prompts}; the scores are in evaluation order (one task,
+    ``eval.lengths`` in turn, ``eval.samples`` each)."""
+    n, out = cfg["eval"]["samples"], {}
+    for i, length in enumerate(cfg["eval"]["lengths"]):
+        b, a = before[i * n : (i + 1) * n], after[i * n : (i + 1) * n]
+        m, h = mean_ci([y - x for x, y in zip(b, a)])
+        out[length] = {
+            "before": statistics.fmean(b),
+            "before_ci": wilson(sum(b), len(b)),
+            "after": statistics.fmean(a),
+            "after_ci": wilson(sum(a), len(a)),
+            "gain": m,
+            "gain_half": h,
+            "n": len(b),
+        }
+    return out
+
+
+def _plot_accuracy(gain: dict[int, dict], cfg: dict, out: Path) -> None:
+    xs = sorted(gain)
     fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
-    if batch:
-        ax.plot(
-            *zip(*batch), color="#999", lw=1, label="training batch (after DAPO's group filter)"
+    for key, label, style, color in (
+        ("before", "after warm-up (before RL)", "s--", "#7f8c8d"),
+        ("after", "after RL", "o-", "#c0392b"),
+    ):
+        ys = [100 * gain[x][key] for x in xs]
+        ax.plot(xs, ys, style, color=color, lw=2, label=label)
+        ax.fill_between(
+            xs,
+            [100 * gain[x][key + "_ci"][0] for x in xs],
+            [100 * gain[x][key + "_ci"][1] for x in xs],
+            color=color,
+            alpha=0.15,
         )
-    if val:
-        ax.plot(
-            *zip(*val), "o-", color="#c0392b", lw=2, label="validation (greedy, held-out prompts)"
-        )
-    ax.set_xlabel("RL step")
-    ax.set_ylabel("reward")
-    ax.set_ylim(-0.05, 1.05)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("DAPO + LongAct (ratio 0.3): reward per step")
-    fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
-    return {"val": val, "batch": batch}
-
-
-def _plot_accuracy(before: dict, after: dict, cfg: dict, out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 3.6), dpi=120)
-    for acc, label, style in ((before, "after warm-up (SFT)", "s--"), (after, "after RL", "o-")):
-        xs = sorted(int(k) for k in acc)
-        ax.plot(xs, [acc[str(x)] for x in xs], style, lw=2, label=label)
-    lo, hi = min(cfg["sft"]["lengths"]), max(cfg["sft"]["lengths"])
-    ax.axvspan(lo, hi, color="#3498db", alpha=0.12, label="warm-up lengths")
     ax.axvline(cfg["rl"]["train_length"], color="#c0392b", ls=":", label="RL length")
+    ax.axvspan(
+        min(cfg["sft"]["lengths"]),
+        max(cfg["sft"]["lengths"]),
+        color="#3498db",
+        alpha=0.12,
+        label="warm-up lengths",
+    )
+    ax.set_xticks(xs, [str(x) for x in xs])
     ax.set_xlabel("context length (tokens)")
-    ax.set_ylabel("accuracy")
-    ax.set_ylim(-0.05, 1.05)
+    ax.set_ylabel("accuracy (%), 95% band")
+    ax.set_ylim(-3, 103)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"{cfg['task']['name']}: accuracy by context length")
@@ -66,84 +83,135 @@ def _plot_accuracy(before: dict, after: dict, cfg: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def _plot_loss(losses: dict, out: Path) -> None:
-    steps = sorted(int(s) for s in losses)
-    fig, ax = plt.subplots(figsize=(7, 3), dpi=120)
-    ax.plot(steps, [losses[str(s)] for s in steps], lw=1)
-    ax.set_xlabel("warm-up step")
-    ax.set_ylabel("loss (answer tokens)")
+def _plot_rewards(metrics: dict, algo: str, out: Path) -> list[tuple[int, float]]:
+    steps = sorted(int(s) for s in metrics)
+    batch = [
+        (s, metrics[str(s)]["critic/score/mean"])
+        for s in steps
+        if "critic/score/mean" in metrics[str(s)]
+    ]
+    fig, ax = plt.subplots(figsize=(7, 3.2), dpi=120)
+    if batch:
+        ax.plot(
+            *zip(*batch),
+            "o-",
+            color="#c0392b",
+            lw=1.5,
+            ms=3,
+            label="mean reward of the step's rollouts",
+        )
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("reward")
+    ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
-    ax.set_title("Supervised warm-up (verl SFT trainer)")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title(f"{algo} + LongAct: reward per step")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
+    return batch
 
 
-def _override(cfg: dict, key: str, default: str) -> str:
-    for item in cfg["rl"]["overrides"]:
-        k, _, v = item.partition("=")
-        if k.lstrip("+") == key:
-            return v
-    return default
+def _pts(x: float) -> str:
+    return f"{100 * x:+.1f}"
 
 
-def _acc(stage_result: dict) -> dict:
-    return {str(k): v for k, v in stage_result["accuracy"].items()}
+def _reward_sentence(batch: list[tuple[int, float]]) -> str:
+    if len(batch) < 2:
+        return "Too few steps logged a reward to draw a curve."
+    k = max(1, len(batch) // 4)
+    first = statistics.fmean(r for _, r in batch[:k])
+    last = statistics.fmean(r for _, r in batch[-k:])
+    return (
+        f"The mean reward of the rollouts went from {first:.2f} (first {k} steps) to "
+        f"{last:.2f} (last {k}) over {len(batch)} steps; a point is one step's "
+        "rollouts, so single steps are noisy."
+    )
 
 
-def write_report(out: Path, cfg: dict, stages, ev_sft: dict, ev_rl: dict, rl: dict) -> Path:
+def _gain_sentence(cfg: dict, gain: dict[int, dict], steps: int, algo: str) -> str:
+    length = cfg["rl"]["train_length"]
+    g = gain.get(length)
+    if g is None:
+        return f"The RL length ({length}) is not among the evaluated lengths."
+    lo, hi = g["gain"] - g["gain_half"], g["gain"] + g["gain_half"]
+    if math.isnan(g["gain_half"]):
+        word = "changed"
+    elif lo > 0:
+        word = "rose"
+    elif hi < 0:
+        word = "fell"
+    else:
+        word = "moved within noise"
+    return (
+        f"At the RL length ({length} tokens) accuracy {word}: {100 * g['before']:.1f}% -> "
+        f"{100 * g['after']:.1f}% after {steps} {algo} steps with LongAct, a gain of "
+        f"{_pts(g['gain'])} points (95% paired t interval [{_pts(lo)}, {_pts(hi)}], "
+        f"{g['n']} held-out prompts)."
+    )
+
+
+def write_report(
+    out: Path, cfg: dict, stages, ev_sft: dict, ev_rl: dict, rl: dict, insp: dict, total_s: float
+) -> Path:
+    from longact.ablate.report import headline
+
     metrics = json.loads((out / "rl" / "metrics.json").read_text())
-    losses = json.loads((out / "sft" / "loss.json").read_text())
-    rewards = _plot_rewards(metrics, out / "reward_per_step.png")
-    before, after = _acc(ev_sft), _acc(ev_rl)
-    _plot_accuracy(before, after, cfg, out / "accuracy_vs_length.png")
-    _plot_loss(losses, out / "sft_loss.png")
-    val = rewards["val"]
-    start, end = (val[0][1], val[-1][1]) if val else (float("nan"), float("nan"))
-    last = metrics[str(max(int(s) for s in metrics))]
-    nan = float("nan")
+    ablation = json.loads((out / "ablate" / "ablate.json").read_text())
+    algo = "DAPO" if "dapo" in cfg["rl"]["recipe"] else "GRPO"
+    batch = _plot_rewards(metrics, algo, out / "reward_per_step.png")
+    gain = paired_gain(cfg, ev_sft["scores"], ev_rl["scores"])
+    _plot_accuracy(gain, cfg, out / "accuracy_vs_length.png")
+    last = metrics[str(max(int(s) for s in metrics))] if metrics else {}
+    jac = insp.get("jaccard_sft_rl", {})
+    steps = cfg["rl"]["steps"]
     lines = [
         "# LongAct demo report",
         "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M')} by `make demo` "
-        f"(tiny Qwen3 `{cfg['model']['size']}`, CPU, task `{cfg['task']['name']}` "
-        f"with options {cfg['task']['options']}).",
+        f"`make demo`, {time.strftime('%Y-%m-%d %H:%M')}: {total_s:.0f} s of stages on "
+        f"{os.cpu_count()} CPU cores (install excluded). A tiny Qwen3 (`{cfg['model']['size']}`) "
+        f"is warmed up on `{cfg['task']['name']}` at {min(cfg['sft']['lengths'])}-"
+        f"{max(cfg['sft']['lengths'])} tokens, then trained with {algo} + LongAct (top "
+        f"{100 * _ratio(cfg):g}% Q/K rows) at {cfg['rl']['train_length']} tokens.",
         "",
-        "## Result",
+        "## 1. Does the warm-up model rely on its top-k Q/K channels?",
         "",
-        f"- Validation reward at the RL length ({cfg['rl']['train_length']} tokens): "
-        f"**{start:.3f} before RL -> {end:.3f} after {cfg['rl']['steps']} DAPO steps** "
-        f"with LongAct (ratio {cfg['inspect']['ratio']}).",
-        "- Accuracy by context length (greedy, held-out samples, n = "
-        f"{cfg['eval']['samples']} per length):",
+        "![ablation](ablate/ablate.png)",
         "",
-        "| length | after warm-up | after RL |",
-        "|---:|---:|---:|",
-        *[
-            f"| {k} | {before[k]:.2f} | {after.get(k, float('nan')):.2f} |"
-            for k in sorted(before, key=int)
-        ],
+        headline(ablation, ablation["comparisons"]) + " Details: [ablate.md](ablate/ablate.md).",
         "",
-        "![reward per step](reward_per_step.png)",
+        "## 2. Accuracy by context length, before and after RL",
         "",
         "![accuracy vs length](accuracy_vs_length.png)",
         "",
-        "## LongAct during RL",
+        _gain_sentence(cfg, gain, steps, algo),
         "",
-        f"- masks refreshed every {_override(cfg, 'longact.refresh_interval', '1')} optimizer "
-        f"steps; last mask version {last.get('actor/longact/mask_version', nan):.0f}, "
-        f"frozen share of W_Q/W_K rows {last.get('actor/longact/frozen_fraction', nan):.2f}.",
-        "- Q/K channel magnitudes of the warm-up model, with the top-30% mask (dots):",
+        "| length | before RL | after RL | gain (points, 95% paired interval) |",
+        "|---:|---:|---:|---:|",
+        *[
+            f"| {n} | {100 * g['before']:.1f} | {100 * g['after']:.1f} | {_pts(g['gain'])} "
+            f"[{_pts(g['gain'] - g['gain_half'])}, {_pts(g['gain'] + g['gain_half'])}] |"
+            for n, g in sorted(gain.items())
+        ],
+        "",
+        "## 3. Reward per RL step",
+        "",
+        "![reward per step](reward_per_step.png)",
+        "",
+        _reward_sentence(batch),
+        "",
+        "## 4. Where the salient channels are",
         "",
         "![heatmaps](inspect/heatmaps_sft.png)",
         "",
-        "- Warm-up model vs RL model (mask overlap per layer):",
+        insp.get("summary_sft", "").replace("summary: the", "Warm-up model: the"),
         "",
         "![compare](inspect/compare_sft_rl.png)",
         "",
-        "## Warm-up",
-        "",
-        "![sft loss](sft_loss.png)",
+        f"The masks of the warm-up and RL models overlap with Jaccard "
+        f"{jac.get('q', float('nan')):.2f} (q) and {jac.get('k', float('nan')):.2f} (k); LongAct "
+        f"refreshed its mask during RL up to version "
+        f"{last.get('actor/longact/mask_version', float('nan')):.0f}.",
         "",
         "## Stages",
         "",
@@ -154,13 +222,29 @@ def write_report(out: Path, cfg: dict, stages, ev_sft: dict, ev_rl: dict, rl: di
             for k, v in stages.timings.items()
         ],
         "",
-        "Logs: `sft/sft.log`, `rl/rl.log`; metrics: `rl/metrics.json`, `eval_*/results.json`.",
+        "Logs: `sft/sft.log`, `rl/rl.log`; metrics: `rl/metrics.json`, `ablate/ablate.json`, "
+        "`eval_rl/results.json`.",
         "",
     ]
     path = out / "report.md"
     path.write_text("\n".join(lines))
     (out / "summary.json").write_text(
-        json.dumps({"val_reward_start": start, "val_reward_end": end, "accuracy_before": before,
-                    "accuracy_after": after, "timings": stages.timings}, indent=1)
-    )  # fmt: skip
+        json.dumps(
+            {
+                "gain": {str(k): v for k, v in gain.items()},
+                "ablation": ablation["comparisons"],
+                "timings": stages.timings,
+                "total_s": total_s,
+            },
+            indent=1,
+        )
+    )
     return path
+
+
+def _ratio(cfg: dict) -> float:
+    for item in cfg["rl"]["overrides"]:
+        k, _, v = item.partition("=")
+        if k.lstrip("+") == "longact.ratio":
+            return float(v)
+    return 0.3

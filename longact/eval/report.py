@@ -82,13 +82,24 @@ def plot(results: dict, path: str | Path) -> Path:
     lengths = sorted({e["length"] for e in summary})
     if len(lengths) > 1 and lengths[-1] / lengths[0] >= 4:
         ax.set_xscale("log", base=2)
+    length_axes(ax, lengths, Path(str(results["model"])).name or "model")
+    return save_figure(fig, path)
+
+
+def length_axes(ax, lengths: list[int], title: str) -> None:
+    """Accuracy (%) against prompt length: ticks at ``lengths``, 0-100 with a margin."""
     ax.set_xticks(lengths, [str(n) for n in lengths])
     ax.set_ylim(-3, 103)
     ax.set_xlabel("prompt length (tokens)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title(Path(str(results["model"])).name or "model")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)

@@ -196,14 +196,12 @@ def _means(rows: list[dict]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def _capture(model, tok, adapter, texts: list[str], point: str, batch_size: int):
-    """QKStats of ``texts`` (right-padded batches, real tokens only)."""
+def run_prompts(model, tok, texts: list[str], capture, batch_size: int) -> None:
+    """Feed ``texts`` to ``model`` in right-padded batches (real tokens see exactly what
+    they would see alone), each batch's real tokens set as ``capture``'s token mask."""
     device = next(model.parameters()).device
+    side, tok.padding_side = tok.padding_side, "right"
     try:
-        capture = capture_qk_stats(model, adapter, point=point, during_no_grad=True)
-    except ValueError as e:  # point="norm" on a model without q_norm/k_norm
-        raise InspectError(str(e)) from None
-    with capture as cap:
         for i in range(0, len(texts), batch_size):
             enc = tok(
                 texts[i : i + batch_size],
@@ -212,8 +210,20 @@ def _capture(model, tok, adapter, texts: list[str], point: str, batch_size: int)
                 add_special_tokens=False,
             )
             ids, attn = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-            cap.set_token_mask(attn.bool())  # real tokens only
+            capture.set_token_mask(attn.bool())  # real tokens only
             model(input_ids=ids, attention_mask=attn, use_cache=False)
+    finally:
+        tok.padding_side = side
+
+
+def _capture(model, tok, adapter, texts: list[str], point: str, batch_size: int):
+    """QKStats of ``texts`` (real tokens only)."""
+    try:
+        capture = capture_qk_stats(model, adapter, point=point, during_no_grad=True)
+    except ValueError as e:  # point="norm" on a model without q_norm/k_norm
+        raise InspectError(str(e)) from None
+    with capture as cap:
+        run_prompts(model, tok, texts, cap, batch_size)
         return cap.take()
 
 
