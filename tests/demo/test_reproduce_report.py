@@ -116,3 +116,21 @@ def test_the_grid_has_the_seeds_the_analysis_needs():
     assert count[("grpo", "topk")] >= 6 and count[("grpo", "plain")] >= 6
     assert all(n >= 3 for n in count.values()) and len(count) == 7
     assert runs[0].seed == 1 and runs[-1].seed == 6  # seed by seed: pairs complete early
+
+
+def test_run_results_are_not_ignored_by_git():
+    """docs/reproduce/runs/*.json must be committable (a `runs/` ignore rule once hid them)."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout: nothing to check")
+    probe = "docs/reproduce/runs/grpo_topk_seed1.json"
+    proc = subprocess.run(["git", "check-ignore", "-q", probe], cwd=repo)
+    assert proc.returncode == 1, f"{probe} is ignored by git"
+    assert (
+        subprocess.run(["git", "check-ignore", "-q", "runs/demo/report.md"], cwd=repo).returncode
+        == 0
+    )
