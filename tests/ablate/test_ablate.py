@@ -226,3 +226,31 @@ def test_longbench_file_is_an_extra_task(model_dir, tmp_path):
         assert {e["task"] for e in arm["summary"]} == set(res["tasks"])
     files = write(res, tmp_path / "out")
     assert f"**{lb.DATA_SOURCE}**" in open(files["md"]).read()
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize(
+    "arch,point", [("phi3", "proj"), ("qwen3_5", "proj"), ("gemma3", "norm"), ("gpt_oss", "proj")]
+)
+def test_other_families_end_to_end(tmp_path, arch, point):
+    """Fused qkv (Phi-3), a hybrid with a gated q_proj (Qwen3.5), a heads-first norm
+    (Gemma 3), sinks and MoE (gpt-oss): ablate runs, disrupts every q/k key of the layers
+    LongAct applies to, and its none arm is longact eval."""
+    from transformers import AutoConfig
+
+    from longact.core.arch import get_adapter
+    from longact.eval.runner import evaluate
+    from longact.models.tiny import write_tiny_model
+
+    model = write_tiny_model(tmp_path / arch, "xxs", 0, arch=arch)
+    kw = {**COMMON, "n": 2, "calib_n": 2, "max_new_tokens": 3}
+    res = ablate(model, ["niah_single"], [96], policies=["none", "topk"], point=point, **kw)
+    config = AutoConfig.from_pretrained(model)
+    layout = get_adapter(config).layout(config)
+    topk = next(a for a in res["arms"] if a["policy"] == "topk")
+    assert set(topk["channels"]) == {key_str(k) for k in layout}
+    assert all(len(v) >= 1 for v in topk["channels"].values())
+    plain = evaluate(model, ["niah_single"], [96], 2, seed=0, batch_size=4, max_new_tokens=3,
+                     task_opts=OPTS, progress=False)  # fmt: skip
+    none = next(a for a in res["arms"] if a["policy"] == "none")
+    assert none["responses"] == [s["response"] for s in plain["samples"]]
