@@ -111,6 +111,9 @@ sys.exit(0 if editable and url.get("url") == "file://" + sys.argv[1] else 1)'
   fi
 else
   echo "[install] longact"
+  # setuptools builds in the tree and copies build/lib into the wheel as it finds it: a
+  # module deleted from the source would still be installed from an earlier build
+  rm -rf "$ROOT/build/lib"
   "${PIP[@]}" --no-deps --force-reinstall "$ROOT"
 fi
 echo "[install] done ($SET) in $STAMP_DIR"
