@@ -24,7 +24,9 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="HF model dir or verl checkpoint folder")
     p.add_argument("--tasks", required=True, help="task names, comma-separated")
     p.add_argument("--lengths", required=True, help="prompt lengths in tokens, comma-separated")
-    p.add_argument("--n", type=int, default=64, help="evaluation prompts per task and length")
+    p.add_argument(
+        "--n", type=int, default=64, help="evaluation prompts per task and length (default 64)"
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--ratio", type=float, default=0.3, help="share of channels disrupted (0.3)")
     p.add_argument(
