@@ -111,3 +111,23 @@ def test_report_has_four_figures_with_sentences(tmp_path):
     assert "Jaccard 0.80 (q) and 0.70 (k)" in text and "version 6" in text
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["gain"]["128"]["gain"] == pytest.approx(0.75)
+
+
+def test_ablate_and_eval_stages_score_the_same_prompts(tmp_path):
+    """The demo's before (the ablation's none arm) and after (eval_rl) are paired prompt
+    by prompt: on the same model they agree exactly, so the gain is 0 at every length."""
+    from longact.demo.pipeline import stage_ablate, stage_eval
+    from longact.models.tiny import write_tiny_model
+
+    model = write_tiny_model(tmp_path / "m", "xxs", 0)
+    cfg = load_config(["eval.samples=4", "eval.lengths=[64,96]", "ablate.seeds=[0]",
+                       "ablate.calib_n=2"])  # fmt: skip
+    before = stage_ablate(cfg, model, tmp_path / "ablate")
+    after = stage_eval(cfg, model, tmp_path / "eval")
+    assert before["scores"] == after["scores"] and len(before["scores"]) == 8
+    assert before["accuracy"] == after["accuracy"]
+    none = json.loads((tmp_path / "ablate" / "ablate.json").read_text())["arms"][0]
+    samples = json.loads((tmp_path / "eval" / "results.json").read_text())["samples"]
+    assert none["responses"] == [s["response"] for s in samples]  # not only equal scores
+    gain = paired_gain(cfg, before["scores"], after["scores"])
+    assert all(g["gain"] == 0.0 for g in gain.values())
