@@ -160,14 +160,23 @@ class Interval:
         return "tied"
 
 
+def _seed_interval(diffs: list[float]) -> Interval:
+    """The t interval of per-seed differences. Identical nonzero differences (no spread,
+    common with 2 seeds and accuracies on a 1/n grid) give no interval rather than a
+    zero-width one, as in :func:`welch`; identical zeros are a tie."""
+    m, h = mean_ci(diffs)
+    if h == 0 and m != 0:
+        h = float("nan")
+    return Interval(m, h, len(diffs))
+
+
 def paired(arm: Mapping[int, float], reference: Mapping[int, float]) -> Interval:
     """Per-seed differences ``arm[s] - reference[s]`` over the seeds both have."""
     seeds = sorted(set(arm) & set(reference))
     if not seeds:
         return Interval(float("nan"), float("nan"), 0)
     diffs = [arm[s] - reference[s] for s in seeds]
-    m, h = mean_ci(diffs)
-    return Interval(m, h, len(seeds))
+    return _seed_interval(diffs)
 
 
 def pooled_paired(
@@ -185,5 +194,4 @@ def pooled_paired(
     if not seeds or not lengths:
         return Interval(float("nan"), float("nan"), 0)
     diffs = [statistics.fmean(arm[s][n] - reference[s][n] for n in lengths) for s in seeds]
-    m, h = mean_ci(diffs)
-    return Interval(m, h, len(seeds))
+    return _seed_interval(diffs)

@@ -88,3 +88,15 @@ def test_wilson_matches_textbook_values():
     assert wilson(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
     low, high = wilson(0, 0)
     assert low != low and high != high  # nan: no prompts, no interval
+
+
+def test_paired_without_spread_gives_no_verdict():
+    """Two seeds with the same nonzero difference: a zero-width t interval would call it
+    a sure loss; there is no interval instead. Identical zeros are a tie."""
+    from longact.eval.stats import paired, pooled_paired
+
+    same = paired({1: 0.5, 2: 0.25}, {1: 0.5 + 1 / 128, 2: 0.25 + 1 / 128})
+    assert math.isnan(same.half) and same.verdict() == "n/a"
+    assert paired({1: 0.5, 2: 0.25}, {1: 0.5, 2: 0.25}).verdict() == "tied"
+    pooled = pooled_paired({1: {384: 0.5}, 2: {384: 0.4}}, {1: {384: 0.6}, 2: {384: 0.5}}, [384])
+    assert math.isnan(pooled.half) and pooled.n == 2
