@@ -102,31 +102,43 @@ class Disruption:
         probe = QKCapture(model, adapter, point=point)  # validates point and adapter
         self.adapter, self.point = probe.adapter, point
         self.layers = {la.index: la for la in probe.layers}
-        self.head_dims = {k: probe.layout.geom(k).head_dim for k in probe.layout}
-        unknown = sorted(set(values) - set(self.head_dims))
+        unknown = sorted(set(values) - set(probe.layout.keys()))
         if unknown:
             raise ValueError(f"keys {unknown} are not q/k keys of this model")
-        self.values = dict(values)
+        # key -> (index tuple into the hooked output's trailing dims, values (n,)), worked
+        # out once here: the hooks run on every decoding step
+        self._where = {k: self._positions(k, idx, probe.layout.geom(k).head_dim)
+                       for k, (idx, _) in values.items()}  # fmt: skip
+        self.values = {k: v.double() for k, (_, v) in values.items()}
+        self._on: dict[tuple[Key, torch.device, torch.dtype], tuple] = {}
         self._handles: list[Any] = []
+
+    def _positions(self, key: Key, idx: torch.Tensor, head_dim: int) -> tuple:
+        """Where the key's channels ``idx`` sit in the hooked module's output."""
+        if self.point == "proj":
+            return (self.layers[key[0]].rows[key[1]][idx],)  # last dim of (B, T, R)
+        if self.adapter.norm_layout == "flat":
+            return (idx,)  # (B, T, C)
+        return (idx // head_dim, idx % head_dim)  # (.., H, D) after heads_first's transpose
 
     def _module(self, key: Key) -> nn.Module:
         la = self.layers[key[0]]
         return la.proj(key[1]) if self.point == "proj" else la.norm(key[1])
 
     def _write(self, key: Key, out: torch.Tensor) -> torch.Tensor:
-        idx, vals = self.values[key]
-        idx = idx.to(out.device)
-        vals = vals.to(out.device, out.dtype)
+        cached = self._on.get((key, out.device, out.dtype))
+        if cached is None:
+            where = tuple(t.to(out.device) for t in self._where[key])
+            cached = self._on[(key, out.device, out.dtype)] = (
+                where,
+                self.values[key].to(out.device, out.dtype),
+            )
+        where, vals = cached
         y = out.clone()
-        layout = self.adapter.norm_layout
-        if self.point == "proj":
-            y[..., self.layers[key[0]].rows[key[1]].to(out.device)[idx]] = vals  # (B, T, R)
-        elif layout == "flat":
-            y[..., idx] = vals  # (B, T, C)
+        if self.point == "norm" and self.adapter.norm_layout == "heads_first":
+            y.transpose(-3, -2)[(..., *where)] = vals  # (B, H, T, D) viewed as (B, T, H, D)
         else:
-            view = y.transpose(-3, -2) if layout == "heads_first" else y  # (B, T, H, D)
-            d = self.head_dims[key]
-            view[..., idx // d, idx % d] = vals  # writes through the view into y
+            y[(..., *where)] = vals  # writes the chosen channels only
         return y
 
     def _hook(self, key: Key):
