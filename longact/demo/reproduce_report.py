@@ -114,22 +114,35 @@ def _plots(cfg: dict, runs: dict, plan: list, res: dict, warm: dict, folder: Pat
     files.append("accuracy_vs_length.png")
     plt.close(fig)
 
-    rows = [(k, e) for k, e in res.items() if e["pooled"] is not None and e["pooled"].n]
-    fig, ax = plt.subplots(figsize=(7, 0.32 * max(4, len(rows) * (len(lengths) + 1)) + 1))
-    labels, y = [], 0
-    for (algo, arm, task), e in rows:
-        for n in [*lengths, "pooled"]:
-            iv = e["pooled"] if n == "pooled" else e["diff"][n]
-            if iv.n:
-                half = 0 if iv.half != iv.half else iv.half
-                ax.errorbar(iv.mean, y, xerr=half, fmt="o" if n == "pooled" else ".",
-                            color="C3" if n == "pooled" else "C0", capsize=2)  # fmt: skip
-            labels.append(f"{ALGO_NAMES[algo]} {arm} {task} @{n}")
-            y += 1
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(labels)), labels, fontsize=6)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"accuracy minus {rep['reference']} on the same seed (95% t interval)")
+    # forest plot: a panel per task, a row per compared arm, one interval per length
+    # (offset within the row) and the pooled one beyond the RL length (red)
+    pairs = [(a, arm) for a, arm in _arms(runs, plan) if arm != rep["reference"]]
+    marks, rl = [*lengths, "pooled"], rep["rl_length"]
+    size = (5 * len(tasks), 0.9 * max(3, len(pairs)) + 1.2)
+    fig, axes = plt.subplots(1, len(tasks), figsize=size, sharey=True, squeeze=False)
+    for j, task in enumerate(tasks):
+        ax, labelled = axes[0][j], set()
+        for row, (algo, arm) in enumerate(pairs):
+            e = res.get((algo, arm, task))
+            for k, n in enumerate(marks):
+                iv = None if e is None else (e["pooled"] if n == "pooled" else e["diff"][n])
+                if iv is None or not iv.n:
+                    continue
+                pooled = n == "pooled"
+                label = "pooled" if pooled else f"{n} tokens" + (" (RL)" if n == rl else "")
+                if label in labelled:  # one legend entry per length
+                    label = None
+                labelled.add(label)
+                ax.errorbar(iv.mean, row + 0.7 * (k / (len(marks) - 1) - 0.5),
+                            xerr=0 if iv.half != iv.half else iv.half, capsize=2,
+                            fmt="o" if pooled else ".", ms=6 if pooled else 4, label=label,
+                            color="C3" if pooled else plt.cm.viridis(k / len(marks)))  # fmt: skip
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(range(len(pairs)), [f"{ALGO_NAMES[a]} {arm}" for a, arm in pairs])
+        ax.set(title=task, xlabel=f"accuracy minus {rep['reference']}, same seed (95% t)")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    axes[0][0].invert_yaxis()
     fig.tight_layout()
     fig.savefig(folder / "paired_differences.png", dpi=110)
     files.append("paired_differences.png")
@@ -210,32 +223,66 @@ def write_report(cfg: dict, results: Path, report: Path, key: str, plan: list) -
         files = _plots(cfg, runs, plan, res, warm, results)
         lines += _verdict(cfg, res)
         lines += _tables(cfg, res, lengths)
-        lines += [
-            "## Figures",
-            "",
-            f"![accuracy]({results.name}/{files[0]})",
-            "",
-            "Accuracy against prompt length per arm (mean over seeds, 95% band; dashed: the "
-            "warm-up model; grey line: the RL length).",
-            "",
-            f"![paired]({results.name}/{files[1]})",
-            "",
-            f"Paired differences from {rep['reference']} per length and pooled beyond the RL "
-            "length (red); an interval crossing zero is a tie.",
-            "",
-            f"![reward]({results.name}/{files[2]})",
-            "",
-            "Batch reward per training step (mean over seeds, 95% band).",
-            "",
-            f"![drift]({results.name}/{files[3]})",
-            "",
-            "Mask drift during RL: Jaccard overlap of each refresh's mask with the first "
-            "(solid) and the share of |x| mass the mask keeps (dotted).",
-            "",
-        ]
+        cap = _captions(cfg, runs, plan, res, warm)
+        lines += ["## Figures", ""]
+        for name, file, sentence in zip(("accuracy", "paired", "reward", "drift"), files, cap):
+            lines += [f"![{name}]({results.name}/{file})", "", sentence, ""]
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text("\n".join(lines) + _paper_scale())
     return report
+
+
+def _captions(cfg: dict, runs: dict, plan: list, res: dict, warm: dict) -> list[str]:
+    """One sentence per figure, written from the numbers it plots."""
+    rep = cfg["reproduce"]
+    task, ref, top = cfg["task"]["name"], rep["reference"], max(rep["eval"]["lengths"])
+    at_top = {f"{ALGO_NAMES[a]} {arm}": e["acc"][top][0] for (a, arm, t), e in res.items()
+              if t == task and e["seeds"] and e["acc"][top][0] == e["acc"][top][0]}  # fmt: skip
+    lo, hi = min(at_top, key=at_top.get), max(at_top, key=at_top.get)
+    was = f" (warm-up: {warm[task][str(top)]:.2f})" if str(top) in warm.get(task, {}) else ""
+    accuracy = (
+        f"At {top} tokens on `{task}` the arms' mean accuracy runs from {at_top[lo]:.2f} "
+        f"({lo}) to {at_top[hi]:.2f} ({hi}){was}; bands are 95% t intervals over seeds, the "
+        f"dashed line is the warm-up model and the grey line the RL length."
+    )
+    pooled = [
+        (f"{ALGO_NAMES[a]} {arm} on `{t}`", e["pooled"])
+        for (a, arm, t), e in res.items()
+        if e["pooled"] is not None and e["pooled"].n >= 2 and e["pooled"].half == e["pooled"].half
+    ]
+    if pooled:
+        wide = max(pooled, key=lambda p: p[1].half)
+        zero = sum(iv.verdict() == "tied" for _, iv in pooled)
+        paired = (
+            f"{zero} of {len(pooled)} pooled intervals (red) include zero; the widest is "
+            f"±{wide[1].half:.3f} ({wide[0]}), so smaller effects are invisible at these seeds."
+        )
+    else:
+        paired = f"Paired differences from {ref}: no pooled interval yet (two seeds needed)."
+    last = {}
+    for a, arm in _arms(runs, plan):
+        tails = [statistics.fmean(list(r["reward"].values())[-5:]) for r in runs.values()
+                 if r["algo"] == a and r["arm"] == arm and r["reward"]]  # fmt: skip
+        if tails:
+            last[f"{ALGO_NAMES[a]} {arm}"] = statistics.fmean(tails)
+    reward = "Batch reward per training step (mean over seeds, 95% band)" + (
+        f"; over the last 5 steps it averages {min(last.values()):.2f} "
+        f"({min(last, key=last.get)}) to {max(last.values()):.2f} ({max(last, key=last.get)})."
+        if last
+        else "."
+    )
+    drift = []
+    for a, arm in _arms(runs, plan):
+        jac = [r["jaccard_first"] for r in runs.values() if r["algo"] == a and r["arm"] == arm]
+        jac = [j[max(j, key=int)] for j in jac if len(j) > 1]
+        if jac:
+            drift.append(f"{ALGO_NAMES[a]} {arm} {statistics.fmean(jac):.2f}")
+    mask = (
+        "Mask drift during RL: Jaccard overlap of each refresh's mask with the first (solid) "
+        "and the share of |x| mass it keeps (dotted)"
+        + (f"; at the last refresh: {', '.join(drift)}." if drift else ".")
+    )
+    return [accuracy, paired, reward, mask]
 
 
 def _verdict(cfg: dict, res: dict) -> list[str]:

@@ -99,6 +99,12 @@ def test_report_from_a_partial_grid(grid):
         assert f"reproduce/{png}.png" in text
     assert "## Paper scale (not run here)" in text
     assert "128: 0.70" in text  # the warm-up's accuracy at its longest length
+    # each figure's sentence is written from its numbers: at 512, plain is 0.15 below
+    # each seed's base (mean 0.25) and topk adds 0.1 * seed / 3 on average (0.32)
+    assert "runs from 0.25 (GRPO plain) to 0.32 (GRPO topk) (warm-up: 0.40)" in text
+    assert "2 of 2 pooled intervals (red) include zero; the widest is ±0.083" in text
+    assert "over the last 5 steps it averages 0.32" in text  # 0.3 + 0.01 * mean seed
+    assert "at the last refresh: GRPO topk 0.70." in text
 
 
 def test_report_with_no_runs_says_so(tmp_path):
