@@ -17,8 +17,11 @@ Resumable across machines: each finished run leaves one small JSON (accuracy by 
 and length, reward per step, mask drift; no weights) in ``docs/reproduce/runs/``, meant
 to be committed as it lands. A rerun skips every run whose JSON carries the current
 experiment key, so ``make reproduce`` on any machine finishes the grid; ``--max-runs``
-runs a slice. The report (``longact.demo.reproduce_report``) is rebuilt from whatever
-runs exist and says how many it rests on. Weights and logs stay in ``--out``.
+runs a slice, and ``--shard K/N`` the K-th of N fixed parts of the plan, so N machines
+split the grid without running a run twice (each makes its own warm-up; the report flags
+warm-ups that came out different).
+The report (``longact.demo.reproduce_report``) is rebuilt from whatever runs exist and
+says how many it rests on. Weights and logs stay in ``--out``.
 
 A run that changes nothing the results depend on (the grid's seeds and arms lists) keeps
 its key; any other change of settings gives a new key, and the runs of the old key are
@@ -182,11 +185,24 @@ def _write(path: Path, record: dict) -> None:
     tmp.replace(path)
 
 
-def run_grid(cfg: dict, work: Path, results: Path, max_runs: int | None) -> int:
-    """Run what is missing (at most ``max_runs``); the number of runs done now."""
+def shard(runs: list[Run], spec: str) -> list[Run]:
+    """The runs of part ``K/N``: every N-th run of the plan from the K-th (1-based).
+
+    Parts are cut from the full plan, not from what is left, so machines that start at
+    different times never pick the same run."""
+    k, sep, n = spec.partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise ValueError(f"--shard {spec!r}: expected K/N with 1 <= K <= N, e.g. 1/2 or 2/2")
+    return runs[int(k) - 1 :: int(n)]
+
+
+def run_grid(cfg: dict, work: Path, results: Path, max_runs: int | None, part: str = "1/1") -> int:
+    """Run what is missing of ``part`` (at most ``max_runs``); the number of runs done now."""
     key = experiment_key(cfg)
-    todo = [r for r in plan(cfg) if r.name not in load_runs(results, key)[0]]
-    _say(f"reproduce: {len(plan(cfg)) - len(todo)} of {len(plan(cfg))} runs done (key {key})")
+    done_runs = load_runs(results, key)[0]
+    todo = [r for r in shard(plan(cfg), part) if r.name not in done_runs]
+    _say(f"reproduce: {len(done_runs)} of {len(plan(cfg))} runs done (key {key}); "
+         f"{len(todo)} to run in part {part}")  # fmt: skip
     if not todo:
         return 0
     _, data_dir, sft_model = shared_stages(Stages(work / "shared", log=_say), cfg)
@@ -220,14 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default="docs/reproduce.md", help="where the report goes")
     p.add_argument("--max-runs", type=int, default=None, help="stop after this many runs")
     p.add_argument("--report-only", action="store_true", help="rebuild the report, run nothing")
+    p.add_argument("--shard", default="1/1", metavar="K/N", help="run part K of N of the grid")
     p.add_argument("overrides", nargs="*", help="demo.yaml overrides, e.g. reproduce.steps=40")
     args = p.parse_args(argv)
     if args.max_runs is not None and args.max_runs < 0:
         p.error(f"--max-runs={args.max_runs} must be >= 0")
+    try:
+        shard([], args.shard)
+    except ValueError as e:
+        p.error(str(e))
     cfg = experiment_cfg(load_config(args.overrides))
     results = Path(args.results)
     if not args.report_only:
-        run_grid(cfg, Path(args.out).resolve(), results, args.max_runs)
+        run_grid(cfg, Path(args.out).resolve(), results, args.max_runs, args.shard)
     write_report(cfg, results, Path(args.report), experiment_key(cfg), plan(cfg))
     return 0
 

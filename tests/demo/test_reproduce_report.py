@@ -13,7 +13,7 @@ import math
 import pytest
 
 from longact.demo.pipeline import load_config
-from longact.demo.reproduce import experiment_cfg, experiment_key, load_runs, plan
+from longact.demo.reproduce import experiment_cfg, experiment_key, load_runs, main, plan, shard
 from longact.demo.reproduce_report import analysis, write_report
 from longact.eval.stats import paired, pooled_paired
 
@@ -140,3 +140,20 @@ def test_run_results_are_not_ignored_by_git():
         subprocess.run(["git", "check-ignore", "-q", "runs/demo/report.md"], cwd=repo).returncode
         == 0
     )
+
+
+def test_shards_split_the_plan_without_overlap():
+    runs = plan(experiment_cfg(load_config([])))
+    parts = [shard(runs, f"{k}/3") for k in (1, 2, 3)]
+    assert sorted(r.name for p in parts for r in p) == sorted(r.name for r in runs)
+    assert len({r.name for p in parts for r in p}) == len(runs)
+    assert shard(runs, "1/1") == runs and parts[1][0] == runs[1]
+    for bad in ("0/2", "3/2", "2", "a/b", "1/0"):
+        with pytest.raises(ValueError, match="expected K/N"):
+            shard(runs, bad)
+
+
+def test_bad_shard_is_a_one_line_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--shard", "4/3", "--report-only"])
+    assert e.value.code == 2 and "--shard '4/3': expected K/N" in capsys.readouterr().err
