@@ -26,6 +26,7 @@ from pathlib import Path
 from longact.eval.stats import Interval, mean_ci, paired, pooled_paired
 
 ALGO_NAMES = {"grpo": "GRPO", "dapo": "DAPO"}
+FLOOR = 0.15  # a task whose best arm stays below this accuracy is called "near its floor"
 
 
 def _by_seed(runs: dict, algo: str, arm: str, task: str) -> dict[int, dict[int, float]]:
@@ -306,6 +307,19 @@ def _verdict(cfg: dict, res: dict) -> list[str]:
             winners.append(f"{ALGO_NAMES[algo]} `{arm}` on `{task}` by {iv.mean:+.3f}")
     lines.append("")
     judged = [e["pooled"] for e in res.values() if e["pooled"] is not None and e["pooled"].n >= 2]
+    if any(iv.verdict() == "n/a" for iv in judged):
+        lines += [
+            "`n/a` with two or more seeds: every seed gave the same nonzero difference "
+            f"(accuracy moves in steps of 1/{rep['eval']['samples']}), so there is no spread "
+            "to build an interval from; it is not counted as a win or a loss.",
+            "",
+        ]
+    for task in rep["eval"]["tasks"]:  # a task no arm learns cannot separate the arms
+        best = max((m for (_, _, t), e in res.items() if t == task and e["seeds"]
+                    for m, _ in e["acc"].values() if m == m), default=None)  # fmt: skip
+        if best is not None and best < FLOOR:
+            lines += [f"`{task}` stays near its floor in every arm (best mean accuracy "
+                      f"{best:.2f}), so its intervals say little about the arms.", ""]  # fmt: skip
     if not judged:
         lines.append("**No verdict yet**: an interval needs at least two paired seeds.")
     elif winners:

@@ -51,15 +51,16 @@ def test_pooled_averages_each_seed_over_lengths_first():
     assert pooled_paired(arm, {1: {384: 0.1}}, [384, 512]).n == 0  # a missing length
 
 
-@pytest.fixture
-def grid(tmp_path):
+def _write_grid(tmp_path, bases, lift_of):
+    """plain and topk runs of seeds 1-3: plain at ``bases[seed]`` (less 0.05 per longer
+    length), topk ``lift_of(seed)`` above it."""
     cfg = experiment_cfg(load_config([]))
     key = experiment_key(cfg)
     runs = tmp_path / "reproduce" / "runs"
     runs.mkdir(parents=True)
     lengths = cfg["reproduce"]["eval"]["lengths"]
-    for seed, base in ((1, 0.3), (2, 0.5), (3, 0.4)):
-        for arm, lift in (("plain", 0.0), ("topk", 0.1 * seed / 3)):
+    for seed, base in bases.items():
+        for arm, lift in (("plain", 0.0), ("topk", lift_of(seed))):
             acc = {t: {str(n): base + lift - 0.05 * i for i, n in enumerate(lengths)}
                    for t in cfg["reproduce"]["eval"]["tasks"]}  # fmt: skip
             rec = {
@@ -76,6 +77,11 @@ def grid(tmp_path):
             for t in cfg["reproduce"]["eval"]["tasks"]}  # fmt: skip
     (runs / "warmup.json").write_text(json.dumps({"key": key, "accuracy": warm}))
     return cfg, key, tmp_path
+
+
+@pytest.fixture
+def grid(tmp_path):
+    return _write_grid(tmp_path, {1: 0.3, 2: 0.5, 3: 0.4}, lambda seed: 0.1 * seed / 3)
 
 
 def test_report_from_a_partial_grid(grid):
@@ -105,6 +111,17 @@ def test_report_from_a_partial_grid(grid):
     assert "2 of 2 pooled intervals (red) include zero; the widest is ±0.083" in text
     assert "over the last 5 steps it averages 0.32" in text  # 0.3 + 0.01 * mean seed
     assert "at the last refresh: GRPO topk 0.70." in text
+    assert "near its floor" not in text and "no spread" not in text
+
+
+def test_report_explains_no_interval_and_a_task_at_its_floor(tmp_path):
+    # accuracies 0.1 and below, topk exactly 1/128 above plain on every seed
+    cfg, key, root = _write_grid(tmp_path, {1: 0.1, 2: 0.08, 3: 0.09}, lambda seed: 1 / 128)
+    text = write_report(cfg, root / "reproduce", root / "r.md", key, plan(cfg)).read_text()
+    assert "+0.008 ± n/a (n=3): n/a" in text
+    assert "every seed gave the same nonzero difference (accuracy moves in steps of 1/128)" in text
+    assert "`niah_single` stays near its floor in every arm (best mean accuracy 0.10)" in text
+    assert "No arm beats plain RL" in text
 
 
 def test_report_with_no_runs_says_so(tmp_path):
