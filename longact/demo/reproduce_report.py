@@ -151,7 +151,7 @@ def _plots(cfg: dict, runs: dict, plan: list, res: dict, warm: dict, folder: Pat
 
     for name, field, ylabel in (
         ("reward_per_step.png", "reward", "batch reward"),
-        ("mask_drift.png", "jaccard_first", "Jaccard with the first mask"),
+        ("mask_drift.png", "jaccard_first", "Jaccard with the first mask; |x| mass kept"),
     ):
         fig, axes = plt.subplots(1, len(algos), figsize=(5.5 * len(algos), 3.6), squeeze=False)
         for i, algo in enumerate(algos):
@@ -167,7 +167,8 @@ def _plots(cfg: dict, runs: dict, plan: list, res: dict, warm: dict, folder: Pat
                     m, h = mean_ci([c[str(s)] for c in curves if str(s) in c])
                     ms.append(m)
                     hs.append(0 if h != h else h)
-                ax.plot(steps, ms, label=f"{arm} (n={len(curves)})")
+                # a marker per point: a mask chosen once (topk_fixed) has a single point
+                (line,) = ax.plot(steps, ms, marker="o", ms=3, label=f"{arm} (n={len(curves)})")
                 ax.fill_between(steps, [m - h for m, h in zip(ms, hs)],
                                 [m + h for m, h in zip(ms, hs)], alpha=0.15)  # fmt: skip
                 if field == "jaccard_first":
@@ -175,7 +176,8 @@ def _plots(cfg: dict, runs: dict, plan: list, res: dict, warm: dict, folder: Pat
                             and r["arm"] == arm and r["mass_kept"]]  # fmt: skip
                     kept = [[c[str(s)] for c in mass if str(s) in c] for s in steps]
                     kept = [statistics.fmean(v) if v else float("nan") for v in kept]
-                    ax.plot(steps, kept, ls=":", label=f"{arm}: |x| mass kept")
+                    ax.plot(steps, kept, ls=":", marker="o", ms=3, color=line.get_color(),
+                            label=f"{arm}: |x| mass kept")  # fmt: skip
             ax.set(title=ALGO_NAMES[algo], xlabel="training step", ylabel=ylabel)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=7)
