@@ -241,13 +241,19 @@ def _captions(cfg: dict, runs: dict, plan: list, res: dict, warm: dict) -> list[
     task, ref, top = cfg["task"]["name"], rep["reference"], max(rep["eval"]["lengths"])
     at_top = {f"{ALGO_NAMES[a]} {arm}": e["acc"][top][0] for (a, arm, t), e in res.items()
               if t == task and e["seeds"] and e["acc"][top][0] == e["acc"][top][0]}  # fmt: skip
-    lo, hi = min(at_top, key=at_top.get), max(at_top, key=at_top.get)
-    was = f" (warm-up: {warm[task][str(top)]:.2f})" if str(top) in warm.get(task, {}) else ""
-    accuracy = (
-        f"At {top} tokens on `{task}` the arms' mean accuracy runs from {at_top[lo]:.2f} "
-        f"({lo}) to {at_top[hi]:.2f} ({hi}){was}; bands are 95% t intervals over seeds, the "
-        f"dashed line is the warm-up model and the grey line the RL length."
+    legend = (
+        "bands are 95% t intervals over seeds, the dashed line is the warm-up model and the "
+        "grey line the RL length."
     )
+    if at_top:
+        lo, hi = min(at_top, key=at_top.get), max(at_top, key=at_top.get)
+        was = f" (warm-up: {warm[task][str(top)]:.2f})" if str(top) in warm.get(task, {}) else ""
+        accuracy = (
+            f"At {top} tokens on `{task}` the arms' mean accuracy runs from {at_top[lo]:.2f} "
+            f"({lo}) to {at_top[hi]:.2f} ({hi}){was}; {legend}"
+        )
+    else:
+        accuracy = f"Accuracy against prompt length per arm; {legend}"
     pooled = [
         (f"{ALGO_NAMES[a]} {arm} on `{t}`", e["pooled"])
         for (a, arm, t), e in res.items()
@@ -264,8 +270,9 @@ def _captions(cfg: dict, runs: dict, plan: list, res: dict, warm: dict) -> list[
         paired = f"Paired differences from {ref}: no pooled interval yet (two seeds needed)."
     last = {}
     for a, arm in _arms(runs, plan):
-        tails = [statistics.fmean(list(r["reward"].values())[-5:]) for r in runs.values()
-                 if r["algo"] == a and r["arm"] == arm and r["reward"]]  # fmt: skip
+        mine = [r["reward"] for r in runs.values() if r["algo"] == a and r["arm"] == arm]
+        # steps are JSON string keys: order them as numbers, whatever order a file has
+        tails = [statistics.fmean(c[s] for s in sorted(c, key=int)[-5:]) for c in mine if c]
         if tails:
             last[f"{ALGO_NAMES[a]} {arm}"] = statistics.fmean(tails)
     reward = "Batch reward per training step (mean over seeds, 95% band)" + (

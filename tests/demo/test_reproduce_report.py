@@ -66,11 +66,12 @@ def _write_grid(tmp_path, bases, lift_of):
             rec = {
                 "key": key, "run": f"grpo_{arm}_seed{seed}", "algo": "grpo", "arm": arm,
                 "seed": seed, "accuracy": acc, "warmup_sha": "abc",
-                "reward": {str(s): 0.1 * s + 0.01 * seed for s in range(1, 6)},
+                "reward": {str(s): 0.05 * s + 0.01 * seed for s in range(1, 13)},
                 "jaccard_first": {} if arm == "plain" else {"1": 1.0, "3": 0.8, "5": 0.7},
                 "mass_kept": {} if arm == "plain" else {"1": 0.5, "3": 0.55, "5": 0.6},
             }  # fmt: skip
-            (runs / f"grpo_{arm}_seed{seed}.json").write_text(json.dumps(rec))
+            # string keys sorted as strings (step "10" before "2"): order must not matter
+            (runs / f"grpo_{arm}_seed{seed}.json").write_text(json.dumps(rec, sort_keys=True))
     old = {"key": "other", "run": "grpo_plain_seed9", "algo": "grpo", "arm": "plain", "seed": 9}
     (runs / "grpo_plain_seed9.json").write_text(json.dumps(old))
     warm = {t: {str(n): 0.9 - 0.1 * i for i, n in enumerate([64, 96, 128, 256, 384, 512])}
@@ -109,7 +110,8 @@ def test_report_from_a_partial_grid(grid):
     # each seed's base (mean 0.25) and topk adds 0.1 * seed / 3 on average (0.32)
     assert "runs from 0.25 (GRPO plain) to 0.32 (GRPO topk) (warm-up: 0.40)" in text
     assert "2 of 2 pooled intervals (red) include zero; the widest is ±0.083" in text
-    assert "over the last 5 steps it averages 0.32" in text  # 0.3 + 0.01 * mean seed
+    # steps 8-12 (not "5"-"9", the last keys in string order): 0.5 + 0.01 * mean seed
+    assert "over the last 5 steps it averages 0.52" in text
     assert "at the last refresh: GRPO topk 0.70." in text
     assert "near its floor" not in text and "no spread" not in text
 
