@@ -27,6 +27,7 @@ from longact.eval.stats import Interval, mean_ci, paired, pooled_paired
 
 ALGO_NAMES = {"grpo": "GRPO", "dapo": "DAPO"}
 FLOOR = 0.15  # a task whose best arm stays below this accuracy is called "near its floor"
+PAPER_GAIN = 0.039  # the paper's LongAct gain on LongBench v2 (points / 100)
 
 
 def _by_seed(runs: dict, algo: str, arm: str, task: str) -> dict[int, dict[int, float]]:
@@ -339,7 +340,35 @@ def _verdict(cfg: dict, res: dict) -> list[str]:
             "below it. At this scale and with these seeds, a difference smaller than the "
             "half-widths above cannot be told from noise."
         )
-    return [*lines, ""]
+    return [*lines, "", *_scope(cfg, res)]
+
+
+def _scope(cfg: dict, res: dict) -> list[str]:
+    """What the method arm's interval rules out at this scale, and what it cannot reach."""
+    rep, task = cfg["reproduce"], cfg["task"]["name"]
+    algo = next((a for a, arm, t in res if arm == "topk" and t == task), None)
+    iv = res[(algo, "topk", task)]["pooled"] if algo else None
+    if iv is None or iv.n < 2 or iv.half != iv.half:
+        return []
+    gain = f"the paper's +{100 * PAPER_GAIN:.1f} points on LongBench v2"
+    if iv.low < PAPER_GAIN < iv.high:
+        paper = f"{gain} lies inside, so an effect of that size is neither shown nor ruled out"
+    elif PAPER_GAIN >= iv.high:
+        paper = f"that rules out a gain the size of {gain}, at this scale"
+    else:
+        paper = f"the whole interval lies above {gain}"
+    return [
+        "### What this can and cannot say",
+        "",
+        f"{ALGO_NAMES[algo]} top-k minus plain on `{task}` beyond the RL length lies in "
+        f"[{100 * iv.low:+.1f}, {100 * iv.high:+.1f}] points (n={iv.n}): a gain above "
+        f"{100 * iv.high:+.1f} or a loss below {100 * iv.low:+.1f} points is ruled out, smaller "
+        f"effects are not; {paper}. The scale is a tiny Qwen3 `{cfg['model']['size']}`, "
+        f"{rep['steps']} RL steps at {rep['rl_length']} tokens, tasks "
+        f"{', '.join(f'`{t}`' for t in rep['eval']['tasks'])}: nothing here speaks for 4B-8B "
+        "models, 32k contexts or LongBench v2 (the last section sizes that run).",
+        "",
+    ]
 
 
 def _tables(cfg: dict, res: dict, lengths: list[int]) -> list[str]:

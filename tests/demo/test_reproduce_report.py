@@ -114,6 +114,10 @@ def test_report_from_a_partial_grid(grid):
     assert "over the last 5 steps it averages 0.52" in text
     assert "at the last refresh: GRPO topk 0.70." in text
     assert "near its floor" not in text and "no spread" not in text
+    # what the method arm's interval rules out: +6.7 ± 8.3 points holds the paper's +3.9
+    assert "### What this can and cannot say" in text
+    assert "lies in [-1.6, +14.9] points (n=3): a gain above +14.9 or a loss below -1.6" in text
+    assert "+3.9 points on LongBench v2 lies inside" in text
 
 
 def test_report_explains_no_interval_and_a_task_at_its_floor(tmp_path):
@@ -124,6 +128,7 @@ def test_report_explains_no_interval_and_a_task_at_its_floor(tmp_path):
     assert "every seed gave the same nonzero difference (accuracy moves in steps of 1/128)" in text
     assert "`niah_single` stays near its floor in every arm (best mean accuracy 0.10)" in text
     assert "No arm beats plain RL" in text
+    assert "What this can and cannot say" not in text  # no interval: nothing to rule out
 
 
 def test_report_with_no_runs_says_so(tmp_path):
