@@ -190,10 +190,16 @@ def shard(runs: list[Run], spec: str) -> list[Run]:
 
     Parts are cut from the full plan, not from what is left, so machines that start at
     different times never pick the same run."""
+    k, n = parse_shard(spec)
+    return runs[k - 1 :: n]
+
+
+def parse_shard(spec: str) -> tuple[int, int]:
+    """``"K/N"`` -> (K, N), 1 <= K <= N; a clear ValueError otherwise."""
     k, sep, n = spec.partition("/")
     if not (sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
         raise ValueError(f"--shard {spec!r}: expected K/N with 1 <= K <= N, e.g. 1/2 or 2/2")
-    return runs[int(k) - 1 :: int(n)]
+    return int(k), int(n)
 
 
 def run_grid(cfg: dict, work: Path, results: Path, max_runs: int | None, part: str = "1/1") -> int:
@@ -242,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_runs is not None and args.max_runs < 0:
         p.error(f"--max-runs={args.max_runs} must be >= 0")
     try:
-        shard([], args.shard)
+        parse_shard(args.shard)
     except ValueError as e:
         p.error(str(e))
     cfg = experiment_cfg(load_config(args.overrides))

@@ -39,6 +39,11 @@ def _by_seed(runs: dict, algo: str, arm: str, task: str) -> dict[int, dict[int, 
     return out
 
 
+def _curves(runs: dict, algo: str, arm: str, field: str) -> list[dict[str, float]]:
+    """The non-empty per-step ``field`` ({step: value}) of every run of (algo, arm)."""
+    return [r[field] for r in runs.values() if r["algo"] == algo and r["arm"] == arm and r[field]]
+
+
 def _arms(runs: dict, plan: list) -> list[tuple[str, str]]:
     """(algo, arm) pairs of the plan, in plan order."""
     seen: list[tuple[str, str]] = []
@@ -158,8 +163,9 @@ def _plots(cfg: dict, runs: dict, plan: list, res: dict, warm: dict, folder: Pat
         for i, algo in enumerate(algos):
             ax = axes[0][i]
             for a, arm in _arms(runs, plan):
-                curves = [r[field] for r in runs.values() if r["algo"] == a == algo
-                          and r["arm"] == arm and r[field]]  # fmt: skip
+                if a != algo:
+                    continue
+                curves = _curves(runs, algo, arm, field)
                 if not curves:
                     continue
                 steps = sorted({int(s) for c in curves for s in c})
@@ -173,8 +179,7 @@ def _plots(cfg: dict, runs: dict, plan: list, res: dict, warm: dict, folder: Pat
                 ax.fill_between(steps, [m - h for m, h in zip(ms, hs)],
                                 [m + h for m, h in zip(ms, hs)], alpha=0.15)  # fmt: skip
                 if field == "jaccard_first":
-                    mass = [r["mass_kept"] for r in runs.values() if r["algo"] == algo
-                            and r["arm"] == arm and r["mass_kept"]]  # fmt: skip
+                    mass = _curves(runs, algo, arm, "mass_kept")
                     kept = [[c[str(s)] for c in mass if str(s) in c] for s in steps]
                     kept = [statistics.fmean(v) if v else float("nan") for v in kept]
                     ax.plot(steps, kept, ls=":", marker="o", ms=3, color=line.get_color(),
@@ -271,9 +276,9 @@ def _captions(cfg: dict, runs: dict, plan: list, res: dict, warm: dict) -> list[
         paired = f"Paired differences from {ref}: no pooled interval yet (two seeds needed)."
     last = {}
     for a, arm in _arms(runs, plan):
-        mine = [r["reward"] for r in runs.values() if r["algo"] == a and r["arm"] == arm]
         # steps are JSON string keys: order them as numbers, whatever order a file has
-        tails = [statistics.fmean(c[s] for s in sorted(c, key=int)[-5:]) for c in mine if c]
+        tails = [statistics.fmean(c[s] for s in sorted(c, key=int)[-5:])
+                 for c in _curves(runs, a, arm, "reward")]  # fmt: skip
         if tails:
             last[f"{ALGO_NAMES[a]} {arm}"] = statistics.fmean(tails)
     reward = "Batch reward per training step (mean over seeds, 95% band)" + (
@@ -284,8 +289,7 @@ def _captions(cfg: dict, runs: dict, plan: list, res: dict, warm: dict) -> list[
     )
     drift = []
     for a, arm in _arms(runs, plan):
-        jac = [r["jaccard_first"] for r in runs.values() if r["algo"] == a and r["arm"] == arm]
-        jac = [j[max(j, key=int)] for j in jac if len(j) > 1]
+        jac = [j[max(j, key=int)] for j in _curves(runs, a, arm, "jaccard_first") if len(j) > 1]
         if jac:
             drift.append(f"{ALGO_NAMES[a]} {arm} {statistics.fmean(jac):.2f}")
     mask = (
