@@ -53,9 +53,12 @@ def test_none_arm_is_exactly_longact_eval(model_dir, result):
     ]
 
 
-def test_arms_pick_what_the_mask_policies_pick(model_dir, result):
-    """Recompute the statistics from the calibration prompts with LongAct's own capture
-    and build the masks: the arms disrupted exactly those channels."""
+def assert_arms_pick_what_the_masks_pick(
+    model_dir, saved: dict, lengths: list[int], calib_n: int, arms: list[tuple]
+) -> None:
+    """Recompute the statistics of the calibration prompts (default seed 1000) with
+    LongAct's own capture and build the masks at ratio 0.3 for the expected ``arms``
+    ((policy, seed) in order): ``saved``'s arms disrupted exactly those channels."""
     from transformers import AutoModelForCausalLM
 
     from longact.ablate.runner import calibration_rows
@@ -63,7 +66,7 @@ def test_arms_pick_what_the_mask_policies_pick(model_dir, result):
     from longact.eval.runner import load_tokenizer, prompt_texts
 
     tok = load_tokenizer(model_dir)
-    rows = calibration_rows(tok, ["niah_single"], [96, 128], 3, 1000, OPTS, None)
+    rows = calibration_rows(tok, ["niah_single"], lengths, calib_n, 1000, OPTS, None)
     texts = prompt_texts(tok, rows)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     adapter = get_adapter(model)
@@ -74,14 +77,22 @@ def test_arms_pick_what_the_mask_policies_pick(model_dir, result):
                 model.base_model(**tok(t, return_tensors="pt", add_special_tokens=False))
         stats = cap.take()
     layout = adapter.layout(model)
-    assert result["calibration"]["tokens"] == int(stats.token_count(layout.keys()[0]))
-    for arm in result["arms"]:
+    assert saved["calibration"]["tokens"] == int(stats.token_count(layout.keys()[0]))
+    assert [(a["policy"], a["seed"]) for a in saved["arms"]] == arms
+    for arm in saved["arms"]:
         if arm["policy"] == "none":
             assert arm["channels"] == {}
             continue
         masks = build_masks(stats, layout, ratio=0.3, policy=arm["policy"], seed=arm["seed"] or 0)
         for key in layout:
-            assert arm["channels"][key_str(key)] == torch.nonzero(masks[key]).flatten().tolist()
+            want = torch.nonzero(masks[key]).flatten().tolist()
+            assert arm["channels"][key_str(key)] == want, (arm["name"], key)
+
+
+def test_arms_pick_what_the_mask_policies_pick(model_dir, result):
+    """ablate(): every arm's channels are the mask its policy builds."""
+    arms = [("none", None), ("topk", None), ("random", 0), ("random", 1), ("bottomk", None)]
+    assert_arms_pick_what_the_masks_pick(model_dir, result, [96, 128], 3, arms)
     chans = {a["name"]: a["channels"] for a in result["arms"]}
     assert chans["random:0"] != chans["random:1"] != chans["topk"] != chans["bottomk"]
 
@@ -136,6 +147,8 @@ def test_compare_pairs_prompts():
 
 
 def test_files_and_cli(model_dir, result, tmp_path, capsys):
+    """The written files; ``longact ablate`` prints the table and its ablate.json holds
+    the channels the masks pick, as ablate() does."""
     files = write(result, tmp_path / "api")
     saved = json.loads(open(files["json"]).read())
     assert [a["name"] for a in saved["arms"]] == ["none", "topk", "random:0", "random:1", "bottomk"]
@@ -178,7 +191,10 @@ def test_files_and_cli(model_dir, result, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| random:5 |" in printed and "topk - random" in printed
     assert (out / "ablate.png").read_bytes()[:8] == PNG
-    assert json.loads((out / "ablate.json").read_text())["settings"]["mode"] == "zero"
+    saved = json.loads((out / "ablate.json").read_text())
+    assert saved["settings"]["mode"] == "zero"
+    arms = [("none", None), ("topk", None), ("random", 5)]
+    assert_arms_pick_what_the_masks_pick(model_dir, saved, [96], 2, arms)
 
 
 @pytest.mark.parametrize(

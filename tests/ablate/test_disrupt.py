@@ -1,5 +1,6 @@
 """The disruption hooks on a tiny model of every supported family: exactly the chosen
-channels change at the capture point, to the calibration mean (or 0); the calibration
+channels change at the capture point, to the calibration mean (or 0), the logits move
+while the hooks are in and are exactly as before once they are gone; the calibration
 means are the means over real tokens only."""
 
 from __future__ import annotations
@@ -87,10 +88,18 @@ def test_only_the_chosen_channels_change(family_models, arch, point, mode):
                 if la.proj(p) is mod:
                     other[la.rows[p][chosen[(la.index, p)]]] = False
             assert torch.equal(after[..., other], before[..., other])
-    with torch.no_grad():  # hooks are gone: the model is as before
-        again = _record(model, la.proj(next(iter(la.modules))), ids)
-        first = la.proj(next(iter(la.modules)))
-        assert torch.equal(again, _record(model, first, ids))
+    # every chosen key at once: the logits move while the hooks are in, and once they
+    # are gone the model is exactly as before
+    logits = _logits(model, ids)
+    with Disruption(model, values, adapter, point):
+        disrupted = _logits(model, ids)
+    assert not torch.allclose(disrupted, logits)
+    assert torch.equal(_logits(model, ids), logits)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
 
 
 def test_calibration_means_count_real_tokens_only(family_models):

@@ -10,9 +10,10 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:8]
 
 
-def run_ranks(fn, n: int, timeout: float = 120.0) -> list:
+def run_ranks(fn, n: int, timeout: float = 120.0, what: str = "a rank") -> list:
     """``fn(rank)`` on ``n`` threads at once (ranks that block on each other at a
-    refresh); returns each rank's result or the exception it raised."""
+    refresh); returns each rank's result or the exception it raised. A thread still
+    blocked after ``timeout`` s fails the test."""
     out: list = [None] * n
 
     def body(r: int) -> None:
@@ -26,5 +27,14 @@ def run_ranks(fn, n: int, timeout: float = 120.0) -> list:
         t.start()
     for t in threads:
         t.join(timeout)
-    assert not any(t.is_alive() for t in threads), f"a rank was still blocked after {timeout} s"
+    assert not any(t.is_alive() for t in threads), f"{what} was still blocked after {timeout:g} s"
+    return out
+
+
+def bounded(fn, timeout: float, what: str):
+    """``fn()`` under a watchdog: its result, or the exception it raised; a call still
+    blocked after ``timeout`` s fails the test instead of hanging it."""
+    (out,) = run_ranks(lambda _: fn(), 1, timeout, what)
+    if isinstance(out, BaseException):
+        raise out
     return out
