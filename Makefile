@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONWARNINGS ?= ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: setup demo test test-fast lint format bench reproduce lock clean
+.PHONY: setup demo test test-fast lint format bench reproduce gpu-rehearsal lock clean
 
 setup: $(VENV)/.longact-install-cpu
 
@@ -34,6 +34,12 @@ format: setup
 bench: setup
 	$(PY) -m bench.run --out docs/bench
 
+# The GPU check as the lent GPU machine runs it, on this CPU: a fresh virtualenv of that
+# machine's packages (scripts/gpu_machine_packages.txt), the wheels gpu_wheels.sh brings,
+# then scripts/gpu_check.sh --device cpu from the checkout's root. Needs no .venv.
+gpu-rehearsal:
+	bash scripts/gpu_rehearsal.sh
+
 reproduce: setup
 	$(PY) -m longact.demo.reproduce --out runs/reproduce --report docs/reproduce.md
 
@@ -45,4 +51,4 @@ lock: setup
 	  cat requirements/cpu.lock.new ) > requirements/cpu.lock && rm requirements/cpu.lock.new
 
 clean:
-	rm -rf runs outputs .pytest_cache .ruff_cache
+	rm -rf runs outputs .pytest_cache .ruff_cache .rehearsal

@@ -43,17 +43,13 @@ def checks(tier: str) -> list[str]:
                 importlib.import_module(mod)
             except Exception as e:  # noqa: BLE001 - reported, not raised
                 problems.append(f"import {mod} failed: {type(e).__name__}: {e}")
-    import verl  # noqa: F401 - loads the verl.plugins entry points, LongAct's among them
-    from verl.workers.engine.base import EngineRegistry
     from verl.workers.rollout import base as rollout_base
 
-    engines = EngineRegistry._engines.get("language_model", {}).get("fsdp2", {})
-    key = "cpu" if tier == "cpu" else ("cuda", "nvidia")
-    engine = getattr(engines.get(key), "__name__", None)
-    if engine != "LongActFSDPEngine":
-        problems.append(
-            f"verl's FSDP2 engine for {key} is {engine}, not LongAct's: plugin not loaded"
-        )
+    from longact.train.plugin_check import plugin_problem
+
+    problem = plugin_problem("cpu" if tier == "cpu" else "cuda")
+    if problem:
+        problems.append(f"LongAct's verl plugin is not loaded: {problem}")
     if ("hf", "async") not in rollout_base._ROLLOUT_REGISTRY:
         problems.append("the hf rollout is not registered in verl")
     for script in ("longact", "longact-train"):

@@ -7,8 +7,8 @@ used unchanged. It adds:
 
 - LongAct (when the launcher exported an enabled ``longact:`` section, see
   ``longact.train.runtime``): statistics from the real tokens of training forwards
-  (padding excluded in the padded, packed, Ulysses-SP and ``pad_to_length`` layouts),
-  mask refreshes through
+  (padding excluded in the padded, packed, Ulysses-SP and ``pad_to_length`` layouts;
+  the packed layouts' padding reported as ``longact/pad_tokens``), mask refreshes through
   the saliency coordinator, gradient masking before clipping and exact frozen rows
   through the optimizer step, coordinator state in checkpoints. Forward-only engines
   (the reference policy) are left alone. Without the section it is verl's engine.
@@ -43,6 +43,21 @@ def _unpinned_offload_policy() -> Iterator[None]:
         transformer_impl.CPUOffloadPolicy = original
 
 
+@contextlib.contextmanager
+def _without_ulysses() -> Iterator[None]:
+    """Inside the block verl's Ulysses patches see no sequence-parallel group. Calibration
+    feeds each rank its own whole prompts; with the group set, the patched attention would
+    all-to-all unrelated sequences across the SP ranks (a shape error or a hang)."""
+    from verl.utils import ulysses
+
+    group = ulysses.get_ulysses_sequence_parallel_group()
+    ulysses.set_ulysses_sequence_parallel_group(None)
+    try:
+        yield
+    finally:
+        ulysses.set_ulysses_sequence_parallel_group(group)
+
+
 def _real_tokens(engine, model_inputs: dict, output_args: dict):
     """The token mask LongAct's capture should use for this micro-batch.
 
@@ -65,6 +80,7 @@ def _real_tokens(engine, model_inputs: dict, output_args: dict):
 
 def engine_class():
     """The engine class LongAct registers (created lazily: verl is imported here)."""
+    import torch
     from verl.utils.device import get_device_name
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
@@ -86,17 +102,23 @@ def engine_class():
             if cfg is not None and not self.engine_config.forward_only:
                 path = getattr(self.model_config, "local_path", None) or self.model_config.path
                 self.longact = LongActRuntime(self.module, self.optimizer, cfg, model_path=path)
+                self.longact.calibration_context = _without_ulysses
 
         def prepare_model_inputs(self, micro_batch):
             model_inputs, output_args = super().prepare_model_inputs(micro_batch)
             if self.longact is not None:
                 self.longact.capture.set_token_mask(_real_tokens(self, model_inputs, output_args))
+                if torch.is_grad_enabled():  # a training forward (log-prob passes: no_grad)
+                    self.longact.pad_tokens += int(output_args.get("pad_size", 0) or 0)
             return model_inputs, output_args
 
-        def to(self, device, *args, **kwargs):
-            out = super().to(device, *args, **kwargs)
-            if self.longact is not None and str(device) == "cpu":
-                self.longact.offloaded()  # param / optimizer offload: no accelerator memory
+        def to(self, device, model: bool = True, optimizer: bool = True, grad: bool = True):
+            out = super().to(device, model=model, optimizer=optimizer, grad=grad)
+            # verl calls this on every context exit, moving only what is offloaded: LongAct
+            # lets go of accelerator memory when the model really left it, and otherwise
+            # keeps its statistics and index copies there (no per-step copies)
+            if self.longact is not None and str(device) == "cpu" and model:
+                self.longact.offloaded()
             return out
 
         def optimizer_step(self):
@@ -114,6 +136,10 @@ def engine_class():
             return outputs
 
         def save_checkpoint(self, local_path, *args, **kwargs):
+            if self.longact is not None:
+                # masks first (async: the refresh in flight), so the optimizer state verl
+                # writes next agrees with the masks LongAct writes after it
+                self.longact.before_save()
             super().save_checkpoint(local_path, *args, **kwargs)
             if self.longact is not None:
                 self.longact.save(local_path)

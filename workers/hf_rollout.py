@@ -58,6 +58,11 @@ class HFRolloutServer:
         self.global_steps: int | None = None
         path = getattr(model_config, "local_path", None) or model_config.path
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if os.environ.get(GPU_ENV) == "1" and self.device.type != "cuda":
+            raise RuntimeError(
+                f"{GPU_ENV}=1 but this hf rollout server sees no GPU (placed on a node "
+                "without one?): it would generate on the CPU; use the vllm rollout"
+            )
         self.model = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.float32, attn_implementation="sdpa"
         ).to(self.device)

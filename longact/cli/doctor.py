@@ -102,8 +102,13 @@ def environment() -> int:
     from verl.workers.engine.base import EngineRegistry
     from verl.workers.rollout.base import _ROLLOUT_REGISTRY
 
-    import longact.workers.plugin  # noqa: F401  (raises here if registration fails)
+    from longact.train.plugin_check import plugin_problem
 
+    for device in ("cpu", "cuda"):
+        problem = plugin_problem(device)
+        if problem:
+            print(f"longact doctor: LongAct's plugin is not loaded: {problem}", file=sys.stderr)
+            return 1
     platform = get_platform()
     engine = EngineRegistry.get_engine_cls("language_model", "fsdp2")
     print(f"torch {torch.__version__}  verl {verl.__version__}  cuda={torch.cuda.is_available()}")

@@ -51,10 +51,13 @@ Memory: the masked path keeps nothing per step (a per-row decay column of rows x
 W_Q/W_K parameter lives during the step hook). ``protect`` on the snapshot path copies
 the frozen local rows of each managed parameter and its param-shaped state for the
 duration of the step (AdamW fp32: 3 x frozen elements x 4 B). On the CPU
-(``reuse_buffers=None`` picks it there) those copies go into buffers kept between steps:
-a fresh multi-GB allocation per step is returned to the OS and page-faulted back every
-time, which made the snapshot cost as much as the AdamW step itself (see docs/bench). On
-CUDA the caching allocator already reuses the blocks, so nothing is kept.
+(``reuse_buffers=None`` picks it there, tensor by tensor) those copies go into buffers
+kept between steps: a fresh multi-GB allocation per step is returned to the OS and
+page-faulted back every time, which made the snapshot cost as much as the AdamW step
+itself (see docs/bench). On CUDA the caching allocator already reuses the blocks, so
+nothing is kept, even where the guard was built while FSDP had the parameters offloaded
+to the CPU; and ``drop_device_copies`` (the engine offloads) frees whatever accelerator
+memory the guard still holds.
 """
 
 from __future__ import annotations
@@ -111,9 +114,7 @@ class RowMaskGuard:
                 f"no q/k projection parameters found in {type(model).__name__} "
                 f"for the {self.adapter.family!r} adapter"
             )
-        if reuse_buffers is None:
-            reuse_buffers = self.targets[0].param.device.type == "cpu"
-        self.reuse_buffers = reuse_buffers
+        self.reuse_buffers = reuse_buffers  # None: for CPU tensors only
         self._buffers: dict[tuple[int, str], torch.Tensor] = {}
         self.optimizer: torch.optim.Optimizer | None = None
         self.path: str | None = None  # "masked" | "snapshot" once an optimizer is met
@@ -239,9 +240,18 @@ class RowMaskGuard:
 
     def drop_device_copies(self) -> None:
         """Free the accelerator copies of the frozen-row indices (the model is being
-        offloaded: LongAct then holds no accelerator memory)."""
+        offloaded: LongAct then holds no accelerator memory), and any snapshot buffers
+        kept there."""
         for t in self.targets:
             t._on.clear()
+        self._buffers = {k: b for k, b in self._buffers.items() if b.device.type == "cpu"}
+
+    def device_bytes(self) -> int:
+        """Accelerator bytes the guard holds between steps: row-index copies and kept
+        snapshot buffers (0 on a CPU host, and after ``drop_device_copies``)."""
+        held = [b for b in self._buffers.values()]
+        held += [i for t in self.targets for i in t._on.values()]
+        return sum(x.numel() * x.element_size() for x in held if x.device.type != "cpu")
 
     def frozen_fraction(self) -> float:
         """Share of W_Q/W_K rows (weights only, global) kept fixed."""
@@ -341,7 +351,10 @@ class RowMaskGuard:
 
     def _rows(self, slot: tuple[int, str], src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """``src[idx]`` (rows), into a buffer kept for ``slot`` when reusing buffers."""
-        if not self.reuse_buffers:
+        reuse = self.reuse_buffers
+        if reuse is None:  # decided by where the rows are now, not where they were built
+            reuse = src.device.type == "cpu"
+        if not reuse:
             return src.index_select(0, idx)
         shape = (idx.numel(), *src.shape[1:])
         buf = self._buffers.get(slot)

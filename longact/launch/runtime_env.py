@@ -312,7 +312,8 @@ def stage_job(
         for rel, size in collect_files(pkg_root, PACKAGE_EXCLUDES):
             pkg_files.append((f"{PACKAGE}/{rel}", pkg_root / rel, size))
         for src, sub in mapped.items():
-            if src.parent == pkg_root:  # already inside (non-editable install)
+            # already inside: a non-editable install, or a checkout's longact/workers link
+            if src.parent == pkg_root or (pkg_root / sub).exists():
                 continue
             for rel, size in collect_files(src, PACKAGE_EXCLUDES):
                 pkg_files.append((f"{PACKAGE}/{sub}/{rel}", src / rel, size))

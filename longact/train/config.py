@@ -106,14 +106,30 @@ GPU_ROLLOUTS = ("vllm", "sglang", "trtllm")
 
 
 def cluster_address(config: DictConfig) -> str | None:
-    """The Ray cluster this driver joins (``RAY_ADDRESS``, as ``ray job submit`` sets it
-    for the entrypoint, or ``ray_kwargs.ray_init.address``); None for a local run."""
+    """The Ray cluster this driver joins; None for a local run. See ``resolve_address``."""
+    init = config.get("ray_kwargs", {}).get("ray_init", {})
+    return resolve_address(init.get("address"), init.get("_temp_dir"))
+
+
+def resolve_address(address: str | None, temp_dir: str | None = None) -> str | None:
+    """The cluster ``ray.init(address=address)`` joins, found as Ray finds it: an explicit
+    address (``ray_kwargs.ray_init.address``), else ``RAY_ADDRESS`` (as ``ray job submit``
+    sets it for the entrypoint), else the cluster a ``ray start`` left running on this
+    host, which a plain ``ray.init()`` joins too. None (or ``local``) is a local run.
+
+    The last case reads Ray's own lookup (``ray._private.services``: the
+    ``ray_current_cluster`` file in Ray's temp folder); tests/launch starts a cluster to
+    check it, so a Ray upgrade that moves it fails there.
+    """
     import os
 
-    addr = config.get("ray_kwargs", {}).get("ray_init", {}).get("address") or os.environ.get(
-        "RAY_ADDRESS"
-    )
-    return None if not addr or str(addr) == "local" else str(addr)
+    addr = address or os.environ.get("RAY_ADDRESS")
+    if addr:
+        return None if str(addr) == "local" else str(addr)
+    from ray._private.services import get_ray_address_from_environment
+
+    found = get_ray_address_from_environment(None, temp_dir)
+    return str(found) if found else None
 
 
 def cluster_gpus(address: str) -> float:
@@ -142,6 +158,14 @@ def _check_platform(config: DictConfig, address: str | None) -> None:
             "longact-train runs verl's v1 trainer; trainer.use_v1=false is not supported"
         )
     rollout = config.actor_rollout_ref.rollout.name
+    ranks = n * int(config.trainer.nnodes)
+    if rollout == "hf" and config.trainer.get("device", "cuda") == "cuda" and ranks > 1:
+        raise ConfigError(
+            f"actor_rollout_ref.rollout.name=hf on CUDA with {ranks} GPUs: the hf rollout "
+            "serves one GPU at most (its server is not placed per rank, so replicas would "
+            "share GPU 0 or land on a node without one); use "
+            "actor_rollout_ref.rollout.name=vllm, or the hf rollout on one GPU or the CPU"
+        )
     if address is None:  # a local run: this host's own devices
         import torch
 
@@ -157,6 +181,8 @@ def _check_platform(config: DictConfig, address: str | None) -> None:
     want = n * int(config.trainer.nnodes)
     have = cluster_gpus(address)
     _say(f"cluster {address} declares {have:g} GPUs; the run asks for {want}")
+    if config.trainer.get("device") == "cpu":
+        _say("trainer.device=cpu: every rank trains on the CPU (gloo), whatever its node has")
     if have < want:
         raise ConfigError(
             f"the Ray cluster at {address} declares {have:g} GPUs, and the run asks for "

@@ -6,10 +6,10 @@ The config is one recipe from ``recipes/``, built on ``hydra_configs/longact_tra
 
     longact-train recipe=dapo actor_rollout_ref.model.path=/models/Qwen3-8B longact.ratio=0.3
 
-``recipe=NAME`` picks ``recipes/NAME.yaml`` (default: grpo, or grpo_cpu on a host
-with no GPU); everything else is a plain Hydra override. The config is validated
-before Ray or any worker starts, then handed to verl's ``run_ppo``;
-``longact.enable=false`` is verl's plain RL.
+``recipe=NAME`` picks ``recipes/NAME.yaml`` (default: grpo where the run has GPUs,
+counted on the Ray cluster the driver joins, else grpo_cpu); everything else is a plain
+Hydra override. The config is validated before Ray or any worker starts, then handed to
+verl's ``run_ppo``; ``longact.enable=false`` is verl's plain RL.
 """
 
 from __future__ import annotations
@@ -35,11 +35,27 @@ VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-dir", "-cd", "--exper
 SEARCH_PATH = "hydra.searchpath=[pkg://longact.hydra_configs,pkg://verl.trainer.config]"
 
 
-def default_recipe() -> str:
-    """grpo on a GPU host, grpo_cpu where no CUDA device is visible."""
-    import torch
+def default_recipe(overrides: list[str] = ()) -> str:
+    """grpo where the run's GPUs are, grpo_cpu where there are none, and one line saying
+    which. The GPUs counted are the cluster's when the driver joins one (see
+    ``resolve_address``: a head node often has none of its own), else this host's."""
+    from longact.train.config import _say, cluster_gpus, resolve_address
 
-    return "grpo" if torch.cuda.is_available() else "grpo_cpu"
+    init = {}
+    for arg in overrides:  # ray_kwargs.ray_init.address=... (and _temp_dir) from the shell
+        key, _, value = arg.lstrip("+").partition("=")
+        if key in ("ray_kwargs.ray_init.address", "ray_kwargs.ray_init._temp_dir"):
+            init[key.rsplit(".", 1)[1]] = value if value not in ("", "null") else None
+    address = resolve_address(init.get("address"), init.get("_temp_dir"))
+    if address is None:
+        import torch
+
+        gpus, where = torch.cuda.device_count(), "this host"
+    else:
+        gpus, where = cluster_gpus(address), f"the Ray cluster at {address}"
+    recipe = "grpo" if gpus > 0 else "grpo_cpu"
+    _say(f"no recipe= given: {where} has {gpus:g} GPUs, so recipe={recipe}")
+    return recipe
 
 
 def hydra_argv(argv: list[str]) -> list[str]:
@@ -62,7 +78,7 @@ def hydra_argv(argv: list[str]) -> list[str]:
             overrides.append(arg)
     known = available_recipes()
     if recipe is None:
-        recipe = default_recipe()
+        recipe = default_recipe(overrides)
     if recipe not in known:
         raise ConfigError(f"unknown recipe {recipe!r}; available: {', '.join(known)}")
     return ["--config-name", recipe, SEARCH_PATH, *overrides, *flags]
@@ -74,6 +90,11 @@ def run(config: DictConfig) -> None:
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
 
+    from longact.train.plugin_check import plugin_problem
+
+    problem = plugin_problem(str(config.trainer.get("device") or "cuda"))
+    if problem:  # verl would run its stock engine (plain RL) and say nothing
+        raise ConfigError(f"LongAct's verl plugin is not loaded: {problem}")
     config = prepare_config(config)
     longact = LongActConfig.from_dict(OmegaConf.to_container(config.longact, resolve=True))
     # Every Ray worker reads LongAct's section from its environment (the engine has no

@@ -26,7 +26,10 @@
   zero on the masked path, ``longact/decay_s`` in the masked path's step hook, which
   applies the weight decay the optimizer would otherwise apply itself;
   ``longact/rank_refresh_s`` on refresh steps). On CUDA, kernels run asynchronously,
-  so these are launch times unless something synchronizes.
+  so these are launch times unless something synchronizes;
+- reports ``longact/pad_tokens``, the padding verl appended to the packed training
+  micro-batches of the step (Ulysses alignment, ``pad_to_length``; the engine adds it to
+  ``pad_tokens``), which the statistics leave out.
 
 The coordinator is the run's named Ray actor, reached through a client
 (``longact.distributed.client``); a single process without Ray (a benchmark, a
@@ -44,7 +47,9 @@ With ``refresh_async`` the refresh leaves the critical path: the statistics of s
 are sent at step t, the coordinator merges them and picks masks while the rank runs
 step t+1's forwards and backwards, and the masks are installed at step t+1 (every rank
 at the same step, as always). The masks are then one step older than in the default
-mode; a checkpoint first installs the refresh in flight.
+mode; a checkpoint first installs the refresh in flight. The one exception is a run's
+first refresh (no mask in force yet: a fresh run, or LongAct turned on at a resume): it
+is waited for, so no update ever runs without a mask.
 
 Optimizer steps are counted here, so ``refresh_interval`` is in optimizer steps (verl
 runs one per PPO mini-batch). Without calibration, the first mask is chosen at optimizer
@@ -61,7 +66,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -127,9 +132,13 @@ class LongActRuntime:
         self._inflight: tuple[int, dict, Any] | None = None  # async: (step, payload, handle)
         self._refresh_host_s = 0.0
         self._pending_metrics: dict[str, float] = {}
+        self.pad_tokens = 0  # verl's padding in this step's packed training forwards
         parts = ("refresh_s", "mask_s", "snapshot_s", "restore_s", "decay_s")
         self.timings = dict.fromkeys(parts, 0.0)
         self._calibration_due = self.cfg.calibration.enable
+        # set by the engine: what calibration's forwards run inside (verl's Ulysses
+        # patches off: each rank feeds its own whole prompts, see workers/fsdp_engine)
+        self.calibration_context = nullcontext
 
     def _where(self, step: int) -> str:
         return f"LongAct run {self.cfg.run_id or '(in-process)'}, refresh at step {step}"
@@ -172,7 +181,7 @@ class LongActRuntime:
         was_training = self.module.training
         self.module.eval()
         try:
-            with capture:
+            with capture, self.calibration_context():
                 for b in range(n_batches):
                     chunk = mine[b * bs : (b + 1) * bs]
                     batch = chunk or prompts[:1]  # a rank out of prompts still runs the forward
@@ -185,6 +194,7 @@ class LongActRuntime:
                         attention_mask=mask.to(device),
                         use_cache=False,
                         logits_to_keep=1,
+                        return_dict=True,  # verl's fused-kernel forward refuses anything else
                     )
         finally:
             self.module.train(was_training)
@@ -252,7 +262,10 @@ class LongActRuntime:
         payload = stats_payload(self.capture.take(), self._fields)
         handle = self._send(step, payload)
         self.last_refresh = step
-        if self.cfg.refresh_async:  # installed at the next optimizer step
+        # async: installed at the next optimizer step; but a fresh run has no mask in
+        # force yet, and its first update must not train every row, so its first
+        # refresh is waited for
+        if self.cfg.refresh_async and self.version > 0:
             self._inflight = (step, payload, handle)
             self._refresh_host_s = time.perf_counter() - t0
             return
@@ -285,6 +298,9 @@ class LongActRuntime:
     # ---- hooks called by the engine -------------------------------------------------------
     def before_step(self) -> None:
         """After backward, before clipping: refresh if due, then mask the gradients."""
+        # accelerator bytes LongAct held between the last step and this one (0 once the
+        # engine offloaded the model, see ``offloaded``)
+        self._pending_metrics["longact/held_device_bytes"] = float(self.guard.device_bytes())
         self.step += 1
         if self._calibration_due:  # first step of a fresh run: the profile-first mask
             self._calibration_due = False
@@ -326,7 +342,9 @@ class LongActRuntime:
         out["longact/mask_version"] = float(self.version)
         out["longact/frozen_fraction"] = self.guard.frozen_fraction()
         out["longact/exact_path_snapshot"] = float(self.guard.path == "snapshot")
+        out["longact/pad_tokens"] = float(self.pad_tokens)
         self._pending_metrics.clear()
+        self.pad_tokens = 0
         return out
 
     # ---- checkpoints --------------------------------------------------------------------
@@ -342,10 +360,17 @@ class LongActRuntime:
             "world_size": self.world_size,
         }
 
+    def before_save(self) -> None:
+        """Before verl writes its checkpoint: install the refresh in flight (async mode),
+        so the optimizer state verl saves next agrees with the masks saved after it
+        (rows leaving the mask have their moments zeroed first)."""
+        _settle()
+        self._collect()
+
     def save(self, local_path: str) -> None:
         """Write this rank's state beside verl's shard of this rank (atomic: a write
         killed midway leaves at most a ``.tmp`` file, never a half state file)."""
-        self._collect()  # async mode: the checkpoint holds the masks in force from now
+        self.before_save()  # a no-op when the engine already called it
         path = state_path(local_path, self.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
@@ -357,6 +382,7 @@ class LongActRuntime:
 
     def load(self, local_path: str) -> None:
         """Restore this rank's state from its own file in ``local_path``."""
+        _settle()  # verl may have just offloaded the loaded optimizer state, non-blocking
         path = state_path(local_path, self.rank)
         if not path.is_file():
             legacy = Path(local_path) / LEGACY_STATE_FILE
@@ -387,6 +413,14 @@ class LongActRuntime:
             flush=True,
         )
         self.guard.optimizer_state_loaded(None)
+
+
+def _settle() -> None:
+    """Wait for the accelerator's queued copies. verl offloads with ``non_blocking``
+    copies into pinned host memory; LongAct's host-side edits of that state (zeroing
+    frozen rows' moments) must land after the copy, not be overwritten by it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _encode(tok, prompts: list, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:

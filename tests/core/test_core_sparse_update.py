@@ -187,7 +187,29 @@ def test_reused_snapshot_buffers_give_the_same_steps():
         runs[reuse] = _snapshot(model)
     for name, p in runs[True].items():
         assert torch.equal(p, runs[False][name]), name
-    assert RowMaskGuard(tiny_model("qwen3"), masks).reuse_buffers  # CPU default
+    assert RowMaskGuard(tiny_model("qwen3"), masks).reuse_buffers is None  # by device
+
+
+def test_snapshot_buffers_follow_the_rows_device_and_leave_on_offload():
+    """A guard built while FSDP had the parameters offloaded (on the CPU) must not keep
+    snapshot buffers on the accelerator it later steps on: whether a buffer is kept
+    follows each tensor's device, and ``drop_device_copies`` (the engine offloads) frees
+    any accelerator memory the guard holds. "meta" stands in for the accelerator."""
+    model = tiny_model("qwen3", seed=0)
+    masks = build_masks(None, get_adapter(model).layout(model), ratio=0.3, policy="random")
+    guard = RowMaskGuard(model, masks, exact_path="snapshot")  # built on the CPU
+    idx = torch.tensor([0, 2])
+    guard._rows((0, "w"), torch.randn(4, 3), idx)  # CPU rows: kept between steps
+    guard._rows((1, "w"), torch.empty(4, 3, device="meta"), idx.to("meta"))  # not kept
+    assert [b.device.type for b in guard._buffers.values()] == ["cpu"]
+    assert guard.device_bytes() == 0
+    guard.reuse_buffers = True  # forced: kept on the accelerator too ...
+    guard._rows((1, "w"), torch.empty(4, 3, device="meta"), idx.to("meta"))
+    guard.targets[0]._on[torch.device("meta")] = idx.to("meta")
+    assert guard.device_bytes() == 2 * 3 * 4 + 2 * 8
+    guard.drop_device_copies()  # ... until the engine offloads
+    assert guard.device_bytes() == 0
+    assert [b.device.type for b in guard._buffers.values()] == ["cpu"]
 
 
 def _offload_round_trip(device: str, path: str) -> None:

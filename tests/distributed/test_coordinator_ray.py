@@ -79,7 +79,9 @@ def test_runtime_refreshes_through_the_ray_actor(ray_cluster, refresh_async):
             opt.step()
         opt.zero_grad()
         frozen = ~rt.guard.masks[(0, "q")]
+        assert frozen.any(), f"step {step}: no mask in force"
         assert torch.equal(w.detach()[frozen], before[frozen])
         versions.append(rt.version)
-    assert versions == ([0, 1, 2] if refresh_async else [1, 2, 3])
+    # async: the first refresh is waited for (no update without a mask), later ones lag
+    assert versions == ([1, 1, 2] if refresh_async else [1, 2, 3])
     ray_cluster.kill(coord, no_restart=True)

@@ -9,10 +9,14 @@ package of the source tree present in the installed ``longact``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import time
+import zipfile
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -251,3 +255,163 @@ def test_image_check_passes_on_this_environment():
         timeout=300,
     )
     assert proc.returncode == 0 and "image_check: ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def _dockerignored(rel: str) -> bool:
+    """Whether ``.dockerignore`` keeps ``rel`` (a path in the repository) out of the
+    build context: a root-anchored pattern matching it or a folder above it, or a
+    ``**/`` pattern matching a part of it."""
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    patterns = [ln.strip() for ln in lines if ln.strip() and not ln.startswith("#")]
+    parts = rel.split("/")
+    heads = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for pattern in patterns:
+        anywhere = pattern.removeprefix("**/")
+        if pattern != anywhere and any(fnmatch(p, anywhere) for p in parts):
+            return True
+        if any(fnmatch(h, pattern) for h in heads):
+            return True
+    return False
+
+
+def test_docker_build_context_holds_what_the_dockerfiles_copy():
+    """``docker build -f docker/Dockerfile[.cpu] -t longact:TIER .`` from the repository
+    root: every source of each Dockerfile's COPY is in that context and not left out by
+    .dockerignore, and so is every file of the package it installs (``COPY .``)."""
+    for dockerfile in DOCKERFILES:
+        copies = [ln.split()[1:-1] for ln in dockerfile.read_text().splitlines()
+                  if ln.startswith("COPY ") and "--from" not in ln]  # fmt: skip
+        sources = [src.rstrip("/") for srcs in copies for src in srcs if src != "."]
+        assert sources and ["."] in copies, dockerfile
+        for src in sources:
+            path = REPO / src
+            files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+            kept = [f for f in files if not _dockerignored(str(f.relative_to(REPO)))]
+            assert kept, f"{dockerfile.name}: COPY {src} finds nothing in the build context"
+    assert _dockerignored(".venv/bin/python") and _dockerignored("docs/x/model.safetensors")
+    for top in ("setup.py", "pyproject.toml", "longact", "workers", "recipes", "hydra_configs"):
+        path = REPO / top
+        for f in [path] if path.is_file() else path.rglob("*"):
+            rel = str(f.relative_to(REPO))
+            if f.is_file() and "__pycache__" not in rel:
+                assert not _dockerignored(rel), f"{rel} is left out of the image"
+
+
+def test_cpu_image_runs_the_demo_into_the_mounted_runs_folder():
+    """``docker run ... -v "$PWD/runs:/work/runs" longact:cpu``: the CPU image's default
+    command is ``make demo``'s (the same module, the same arguments) with its output in
+    /work/runs/demo, a folder the image makes for its user, run by the venv's python."""
+    text = DOCKERFILES[1].read_text()
+    cmd = json.loads(re.search(r"^CMD (.*)$", text, flags=re.M).group(1))
+    recipe = re.search(r"^demo:.*\n\t\$\(PY\) (.*)$", (REPO / "Makefile").read_text(), re.M)
+    make = recipe.group(1).split()
+    assert cmd[0] == "python" and cmd[1:3] == make[:2] == ["-m", "longact.demo.pipeline"]
+    assert make[2:] == ["--out", "runs/demo"] and cmd[3:] == ["--out", "/work/runs/demo"]
+    assert "mkdir -p /work/runs" in text and 'chown -R "${UID}:${UID}" /work' in text
+    assert "PATH=/opt/venv/bin:${PATH}" in text and "ENTRYPOINT" not in text
+
+
+RAY_HEAD = ["--head", "--port=6379", "--dashboard-host=0.0.0.0", "--dashboard-port=8265",
+            "--ray-client-server-port=10001", "--block"]  # fmt: skip
+RAY_WORKER = ["--address=HEAD_IP:6379", "--block"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pydantic, in ray.serve
+def test_cluster_nodes_start_ray_in_the_gpu_image():
+    """The head's and the workers' ``docker run ... longact:gpu ray start ...``: the GPU
+    image runs the command given after it (no ENTRYPOINT) with its venv's ``ray`` first
+    on PATH, exposes the head's GCS, dashboard and client ports, and holds the folders
+    the shared mounts go to; both ``ray start`` argument lists parse with the installed
+    Ray, and the workers join the head's GCS port."""
+    from ray.scripts.scripts import start
+
+    text = DOCKERFILES[0].read_text()
+    assert "ENTRYPOINT" not in text and "PATH=/opt/venv/bin:${PATH}" in text
+    assert re.search(r"^ray\[default\]==", (REPO / "requirements" / "gpu.txt").read_text(), re.M)
+    assert "mkdir -p /work/runs /work/models /work/data" in text
+    head = start.make_context("start", list(RAY_HEAD)).params
+    assert head["head"] and head["block"] and head["dashboard_host"] == "0.0.0.0"
+    ports = [head[k] for k in ("port", "dashboard_port", "ray_client_server_port")]
+    assert f"EXPOSE {' '.join(map(str, ports))}" in text
+    worker = start.make_context("start", list(RAY_WORKER)).params
+    assert not worker["head"] and worker["block"]
+    assert worker["address"] == f"HEAD_IP:{head['port']}"
+
+
+# The interpreter scripts/gpu_wheels.sh is given (PYTHON): `-m pip download|wheel` write
+# an empty wheel per pin into the folder (ray's with a jar to drop) and log the call;
+# anything else runs on the real one.
+FAKE_PIP = """#!{python}
+import os, sys, zipfile
+args = sys.argv[1:]
+if args[:2] != ["-m", "pip"]:
+    os.execv({python!r}, [{python!r}, *args])
+with open(os.environ["FAKE_PIP_LOG"], "a") as log:
+    log.write(" ".join(args) + "\\n")
+folder = args[args.index("-d" if "download" in args else "-w") + 1]
+for name, version in (a.split("==") for a in args if "==" in a):
+    files = {{f"{{name}}/__init__.py": ""}}
+    if name == "ray":
+        files["ray/jars/ray_dist.jar"] = "jar"
+        record = "ray/__init__.py,,\\nray/jars/ray_dist.jar,,\\n"
+        files[f"ray-{{version}}.dist-info/RECORD"] = record
+    with zipfile.ZipFile(f"{{folder}}/{{name}}-{{version}}-py3-none-any.whl", "w") as whl:
+        for path, data in files.items():
+            whl.writestr(path, data)
+"""
+
+
+def test_gpu_wheels_fetches_the_locked_versions(tmp_path):
+    """``scripts/gpu_wheels.sh .whl``, with pip's registry calls stood in for: as many
+    wheels as the README says, each at requirements/cpu.lock's version, binary ones for
+    CPython 3.12 on manylinux x86_64; Ray's wheel loses its Java jars and keeps a RECORD
+    that agrees."""
+    readme = (REPO / "README.md").read_text()
+    count = int(re.search(r"^scripts/gpu_wheels\.sh .*?(\d+) wheels", readme, re.M).group(1))
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PIP.format(python=sys.executable))
+    fake.chmod(0o755)
+    log, whl = tmp_path / "pip.log", tmp_path / ".whl"
+    env = {**os.environ, "PYTHON": str(fake), "FAKE_PIP_LOG": str(log)}
+    out = _run(["bash", str(REPO / "scripts" / "gpu_wheels.sh"), str(whl)], tmp_path, env)
+    assert f"{count} wheels, 0 MiB in {whl}" in out
+
+    calls = log.read_text().splitlines()
+    download = next(c for c in calls if " download " in c)
+    for flag in ("--only-binary=:all:", "--python-version 3.12", "--implementation cp",
+                 "--platform manylinux_2_28_x86_64"):  # fmt: skip
+        assert flag in download
+    pins = [w for c in calls for w in c.split() if "==" in w]
+    lock = (REPO / "requirements" / "cpu.lock").read_text().splitlines()
+    assert len(set(pins)) == len(pins) == count and set(pins) <= set(lock)
+    assert {"verl==0.9.1", "ray==2.60.0"} <= set(pins)
+    with zipfile.ZipFile(next(whl.glob("ray-*.whl"))) as ray:
+        names = ray.namelist()
+        record = ray.read(next(n for n in names if n.endswith("RECORD"))).decode()
+    assert "ray/__init__.py" in names and not any(n.startswith("ray/jars/") for n in names)
+    assert "ray/jars/" not in record and "ray/__init__.py" in record
+
+    # --python X.Y: the set for another interpreter (make gpu-rehearsal: this machine's)
+    log.write_text("")
+    args = ["bash", str(REPO / "scripts" / "gpu_wheels.sh"), "--python", "3.11", str(whl)]
+    _run(args, tmp_path, env)
+    assert "--python-version 3.11" in log.read_text()
+    bad = subprocess.run([*args[:3], "3.x", str(whl)], env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--python '3.x' is not a version like 3.12" in bad.stderr
+
+
+def test_gpu_check_without_verl_asks_for_wheels(tmp_path):
+    """``scripts/gpu_check.sh --wheels .whl`` where python has neither verl nor Ray and
+    the folder holds no wheels: exit 2, naming scripts/gpu_wheels.sh; an unknown option:
+    exit 2, naming the allowed ones."""
+    bare = tmp_path / "python"  # this interpreter without its site-packages
+    bare.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    bare.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(bare)}
+    script = str(REPO / "scripts" / "gpu_check.sh")
+    no_wheels = "holds no wheels (make them with scripts/gpu_wheels.sh)"
+    allowed = "allowed: --wheels DIR, --out DIR, --device cuda|cpu, --budget S"
+    for args, message in [(["--wheels", str(tmp_path / ".whl")], no_wheels), (["-x"], allowed)]:
+        proc = subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True,
+                              timeout=60)  # fmt: skip
+        assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr

@@ -89,12 +89,16 @@ def masks_at(ckpt: Path, step: int) -> tuple[MaskSet, dict]:
 
 
 def check_step(before: dict, after: dict, masks: MaskSet) -> None:
-    """Frozen W_Q/W_K rows bit-identical, trainable rows changed, all else changed."""
+    """Frozen W_Q/W_K rows bit-identical, trainable rows changed, all else changed; and
+    the saved W_Q/W_K names are exactly the masks' keys, one weight per (layer, q|k), so
+    a renamed parameter cannot leave the frozen rows unchecked."""
+    matched = []
     for name, w0 in before.items():
         w1 = after[name]
         if name.endswith(QK_SUFFIXES):
             layer = int(name.split(".layers.")[1].split(".")[0])
             proj = "q" if ".q_proj." in name else "k"
+            matched.append((layer, proj))
             keep = masks[(layer, proj)]
             assert keep.shape[0] == w0.shape[0]
             assert torch.equal(w0[~keep], w1[~keep]), f"{name}: a frozen row moved"
@@ -102,26 +106,14 @@ def check_step(before: dict, after: dict, masks: MaskSet) -> None:
             assert bool(moved.all()), f"{name}: {int((~moved).sum())} trainable rows unchanged"
         else:
             assert not torch.equal(w0, w1), f"{name} did not change"
+    found = sorted(matched)
+    assert found == masks.keys(), f"W_Q/W_K weights of {found}, masks of {masks.keys()}"
 
 
 def qk_moments(ckpt: Path, step: int, model_dir: Path, world: int = 2) -> dict:
     """{(param name, state key): (rows, ...) tensor} of the Adam moments of every W_Q/W_K
-    weight in the step's verl optimizer checkpoint, each rank's ``Shard(0)`` rows put
-    back in place. verl's optimizer state is keyed by parameter index, in the model's
-    ``named_parameters`` order."""
-    from transformers import AutoModelForCausalLM
+    weight in the step's verl optimizer checkpoint, each rank's rows put back in place."""
+    from longact.train.ckpt_read import qk_optimizer_state
 
-    names = [n for n, _ in AutoModelForCausalLM.from_pretrained(model_dir).named_parameters()]
-    actor = ckpt / f"global_step_{step}" / "actor"
-    parts: dict = {}
-    for rank in range(world):
-        sd = torch.load(actor / f"optim_world_size_{world}_rank_{rank}.pt", weights_only=False)
-        for idx, state in sd["state"].items():
-            name = names[int(idx)]
-            if not name.endswith(QK_SUFFIXES):
-                continue
-            for key in ("exp_avg", "exp_avg_sq"):
-                local = state[key]
-                local = local.to_local() if hasattr(local, "to_local") else local
-                parts.setdefault((name, key), []).append(local)
-    return {k: torch.cat(v) for k, v in parts.items()}
+    state = qk_optimizer_state(ckpt, step, model_dir, world)
+    return {k: v for k, v in state.items() if k[1] in ("exp_avg", "exp_avg_sq")}

@@ -1,17 +1,23 @@
-"""LongAct through ``longact-train`` (GRPO, 2 FSDP2 ranks, CPU), killed and resumed.
+"""LongAct through ``longact-train`` (GRPO, 2 FSDP2 ranks, CPU), killed and resumed, with
+the GPU recipes' async refresh and optimizer offload.
 
 One run of 5 planned steps with a checkpoint after every step and a mask refresh every
 2 optimizer steps (at steps 1 and 3) is killed (SIGKILL to its whole process group) once
-the step-3 checkpoint is complete; a second run resumes from it. The checks:
+the step-3 checkpoint is complete; a second run resumes from it. With
+``refresh_async`` the first refresh is waited for (version 1 in force at step 1) and the
+one sent at step 3 is installed by the step-3 checkpoint, before verl writes its
+optimizer state. The checks:
 
-- at each step, every W_Q / W_K row outside the mask in force is bit-identical before and
-  after the step; rows inside changed; every other parameter changed;
-- the coordinator's version advanced as configured (1, 1, 2);
+- at each step, step 1 included, every W_Q / W_K row outside the mask in force at that
+  step is bit-identical before and after the step; rows inside changed; every other
+  parameter changed;
+- the versions in force run 1, 1, 1, 2 and the saved ones 1, 1, 2, 2;
 - the resumed run continues at step 4 with the same mask version and coordinator state;
 - field by field, the LongAct state saved at step 3 (EMA statistics with ``ema=0.5``, the
   refresh history, counters, on both ranks' copies) and the Adam moments of the frozen
   W_Q/W_K rows in verl's optimizer state are what step 4 continued from (zero: verl's
-  AdamW takes the masked exact path, which zeroes the moments of rows leaving the mask);
+  AdamW takes the masked exact path, which zeroes the moments of rows leaving the mask,
+  and the step-3 optimizer state was written after the new masks were installed);
 - a wandb offline run directory holds the ``longact/*`` metrics.
 """
 
@@ -56,8 +62,10 @@ def _cmd(tiny_dir, rl_data, ckpt, total, wandb_dir):
         "trainer.experiment_name=grpo_kill_resume",
         "actor_rollout_ref.actor.optim.lr=1e-2",
         "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]",
+        "actor_rollout_ref.actor.fsdp_config.optimizer_offload=true",
         "longact.ratio=0.3",
         "longact.refresh_interval=2",
+        "longact.refresh_async=true",
         "longact.ema=0.5",  # running statistics carry history: the resume must keep it
     ], {"WANDB_DIR": str(wandb_dir)}
 
@@ -96,22 +104,31 @@ def killed_run(tmp_path_factory, tiny_dir, rl_data):
 
 
 def test_frozen_rows_bit_identical_each_step(killed_run, tiny_dir):
+    """Against the mask in force at each step (its version is logged; its rows are in a
+    checkpoint that saved that version), from step 1 on."""
     ckpt = killed_run["ckpt"]
-    prev = load_weights(tiny_dir / "model.safetensors")
-    versions = []
+    metrics = step_metrics(killed_run["log"])
+    in_force = [int(metrics[s]["actor/longact/mask_version"]) for s in (1, 2, 3)]
+    assert in_force == [1, 1, 1], in_force  # async: the step-3 refresh lands after step 3
+    saved = {}
     for step in (1, 2, 3):
         masks, state = masks_at(ckpt, step)
         assert abs(masks.kept_fraction() - 0.3) < 0.05
-        cur = step_weights(ckpt, step)
-        check_step(prev, cur, masks)
-        versions.append(masks.version)
         assert state["step"] == step  # one optimizer step per trainer step here
+        saved[step] = masks
+    # refreshes at steps 1 (waited for) and 3 (installed by that step's checkpoint)
+    assert [saved[s].version for s in (1, 2, 3)] == [1, 1, 2]
+    by_version = {m.version: m for m in saved.values()}
+    prev = load_weights(tiny_dir / "model.safetensors")
+    for step, version in zip((1, 2, 3), in_force):
+        cur = step_weights(ckpt, step)
+        check_step(prev, cur, by_version[version])
         prev = cur
-    assert versions == [1, 1, 2], versions  # refresh_interval=2: refreshes at steps 1 and 3
-    metrics = step_metrics(killed_run["log"])
-    assert [metrics[s]["actor/longact/mask_version"] for s in (1, 2, 3)] == [1.0, 1.0, 2.0]
-    assert "actor/longact/jaccard_prev_q" in metrics[3]
-    assert 0.0 <= metrics[3]["actor/longact/mass_kept_q"] <= 1.0
+    # the first refresh's numbers are on step 1's line; the step-3 refresh was installed
+    # by the step-3 checkpoint, after that line (its numbers would be on step 4's line),
+    # and is in the saved history
+    assert 0.0 <= metrics[1]["actor/longact/mass_kept_q"] <= 1.0
+    assert len(masks_at(ckpt, 3)[1]["coordinator"]["history"]) == 2
     for part in ("capture_s", "mask_s", "snapshot_s", "restore_s"):  # where LongAct's time goes
         assert metrics[3][f"actor/longact/{part}"] > 0, part
     assert metrics[3]["actor/longact/exact_path_snapshot"] == 0.0  # AdamW: the masked path

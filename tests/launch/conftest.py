@@ -103,9 +103,17 @@ def _node_ports() -> dict[str, int]:
     }
 
 
+class Cluster(str):
+    """The dashboard address (http://127.0.0.1:PORT), with ``gcs`` (HOST:PORT, where nodes
+    and drivers join) and ``temp_dir`` (where ``ray start`` left ``ray_current_cluster``)."""
+
+    gcs: str
+    temp_dir: str
+
+
 @pytest.fixture
 def ray_cluster():
-    """Yields the dashboard address (http://127.0.0.1:PORT) of a fresh local cluster.
+    """Yields the dashboard address (a ``Cluster``) of a fresh local cluster.
 
     Two nodes, as on a managed cluster: a head that declares no GPU (where job
     entrypoints run) and a worker node that declares 2 logical GPUs."""
@@ -137,7 +145,8 @@ def ray_cluster():
     head = subprocess.Popen(
         cmd, stdout=log, stderr=subprocess.STDOUT, env=cluster_env(), start_new_session=True
     )
-    address = f"http://127.0.0.1:{dash}"
+    address = Cluster(f"http://127.0.0.1:{dash}")
+    address.gcs, address.temp_dir = f"127.0.0.1:{gcs}", temp_dir
     worker = None
     try:
         deadline = time.monotonic() + 120

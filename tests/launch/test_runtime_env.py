@@ -90,6 +90,9 @@ def test_checkout_is_staged_in_installed_layout_and_imports_from_there():
         files = staged_files(spec)
         assert "longact/workers/plugin.py" in files
         assert "setup.py" in files
+        # each file counted once (the checkout's longact/workers link is the mapped folder)
+        listed = [rel for rel, _ in spec.files]
+        assert len(listed) == len(set(listed)), sorted(r for r in listed if listed.count(r) > 1)
         # the top-level source folders are not shipped as they lie
         assert not any(f.startswith(("workers/", "recipes/", "hydra_configs/")) for f in files)
         probe = (
@@ -149,7 +152,7 @@ def test_foreign_longact_folder_is_refused(project):
 
 def test_upload_over_the_limit_is_refused_naming_the_biggest_files(project):
     (project / "big_table.csv").write_bytes(os.urandom(1_500_000))
-    (project / "medium.json").write_bytes(b"x" * 400_000)
+    (project / "medium.json").write_bytes(b"x" * 200_000)  # bigger than any source file
     with pytest.raises(LaunchError) as err:
         rt.prepare_job(["recipe=grpo"], working_dir=project, max_upload_mb=1)
     msg = str(err.value)
@@ -238,3 +241,52 @@ def test_cli_dry_run(capsys, project):
     out = capsys.readouterr().out
     assert '"entrypoint": "longact-train x=1 ++ray_kwargs' in out
     assert '"A": "1"' in out and "files," in out
+
+
+def test_submit_address_defaults_to_ray_api_server_address(capsys, monkeypatch, project):
+    """``export RAY_API_SERVER_ADDRESS=http://127.0.0.1:8265``, then ``longact submit``
+    without ``--address`` submits there (ahead of ``RAY_ADDRESS``)."""
+    url = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", url)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the CLI would switch this process to token
+    assert main(["submit", "--working-dir", str(project), "--", "recipe=grpo_cpu"]) == 2
+    assert "cannot reach a Ray cluster's dashboard at " + url in capsys.readouterr().err
+
+
+# What a job with 'trainer.logger=[console,wandb]' trainer.project_name=longact sets up:
+# verl's tracking, as its trainer calls it.
+WANDB_JOB = """
+from verl.utils.tracking import Tracking
+tracking = Tracking("longact", None, default_backend=["console", "wandb"], config={"trainer": {}})
+tracking.log({"critic/score/mean": 0.5}, step=1)
+del tracking
+"""
+
+
+def test_offline_wandb_run_lands_in_wandb_dir_and_syncs(tmp_path, monkeypatch):
+    """``WANDB_MODE=offline longact submit --env WANDB_MODE --env WANDB_DIR=/work/runs``:
+    the job's environment carries both; the run's folder lands in
+    ``$WANDB_DIR/wandb/offline-run-*``, not in the job's working_dir, and holds what
+    ``wandb sync /shared/runs/wandb/offline-run-*`` uploads (its dry run finds it)."""
+    runs, working_dir = tmp_path / "runs", tmp_path / "job"
+    working_dir.mkdir()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    env = rt.job_env(rt.parse_env(["WANDB_MODE", f"WANDB_DIR={runs}"]))
+    assert env["WANDB_MODE"] == "offline" and env["WANDB_DIR"] == str(runs)
+
+    env = {**os.environ, **env, "HOME": str(tmp_path), "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
+    job = [sys.executable, "-c", WANDB_JOB]
+    proc = subprocess.run(job, cwd=working_dir, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(working_dir.iterdir())
+    run_dirs = list((runs / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1 and list(run_dirs[0].glob("run-*.wandb")), run_dirs
+
+    sync = f"{Path(sys.executable).parent}/wandb sync --dry-run {runs}/wandb/offline-run-*"
+    proc = subprocess.run(["bash", "-c", sync], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and "Would sync 1 run(s)" in out, out

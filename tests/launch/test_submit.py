@@ -10,12 +10,16 @@ only, token authentication) takes:
   where ``trainer.default_local_dir`` says;
 - a submission with a wrong auth token: refused with exit code 2;
 - a run with a model path that does not exist: the driver leaves it to the workers (one
-  line), the run FAILED, and ``--wait`` exits 1.
+  line), the run FAILED, and ``--wait`` exits 1;
+- ``longact-train`` started on the head with no ``recipe=`` and no ``RAY_ADDRESS``,
+  joining the cluster as a plain ``ray.init()`` does: it counts the cluster's GPUs, not
+  the head's, so it picks the GPU recipe and does not refuse its vLLM rollout.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -115,3 +119,24 @@ def test_submit_grpo_cpu_to_existing_cluster(ray_cluster, submit_env, tiny_run):
     notice = "/nonexistent/model: not on the driver's node, left for the workers"
     assert notice in out
     assert "/nonexistent/model" in out.replace(notice, ""), out[-4000:]
+
+    # 5. a driver on the GPU-less head, no recipe= and no RAY_ADDRESS: it finds the cluster
+    # as a plain ray.init() would (the file `ray start` left in Ray's temp folder, here
+    # reached through RAY_TMPDIR) and follows the cluster's GPUs. Model path missing on
+    # purpose: the run stops at the model check, after the platform checks it is about.
+    tmp = Path(ray_cluster.temp_dir + "-driver")
+    tmp.mkdir()
+    (tmp / "ray").symlink_to(ray_cluster.temp_dir)
+    env = {k: v for k, v in submit_env.items() if k != "RAY_ADDRESS"}
+    env.update(RAY_TMPDIR=str(tmp), CUDA_VISIBLE_DEVICES="")
+    train = [str(Path(sys.executable).parent / "longact-train"), "trainer.n_gpus_per_node=2"]
+    train.append("actor_rollout_ref.model.path=no-such-model-dir")
+    try:
+        proc = subprocess.run(train, capture_output=True, text=True, env=env, timeout=180, cwd=tmp)
+    finally:
+        shutil.rmtree(tmp)  # the link only, not the cluster's folder
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr
+    assert f"the Ray cluster at {ray_cluster.gcs} has 2 GPUs, so recipe=grpo" in err, err
+    assert f"cluster {ray_cluster.gcs} declares 2 GPUs; the run asks for 2" in err, err
+    assert "needs a GPU" not in err and "no-such-model-dir" in err, err

@@ -148,6 +148,23 @@ def test_gpu_rollout_on_a_cpu_host(prepare):
         prepare(recipe="grpo")
 
 
+def test_hf_rollout_on_cuda_serves_one_gpu_at_most(prepare, monkeypatch):
+    """The hf server is not placed per rank: on several GPUs its replicas would share
+    GPU 0 or generate on a GPU-less head. Refused, naming vLLM; one GPU and the CPU run."""
+    import longact.train.config as config
+
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # counted on the cluster
+    monkeypatch.setattr(config, "cluster_gpus", lambda address: 16.0)
+    hf = ("actor_rollout_ref.rollout.name=hf", "actor_rollout_ref.rollout.mode=async")
+    with pytest.raises(ConfigError, match="hf on CUDA with 8 GPUs.*rollout.name=vllm"):
+        prepare(*hf, recipe="grpo")
+    with pytest.raises(ConfigError, match="hf on CUDA with 2 GPUs"):
+        prepare(*hf, "trainer.n_gpus_per_node=1", "trainer.nnodes=2", recipe="grpo")
+    one = prepare(*hf, "trainer.n_gpus_per_node=1", recipe="grpo")
+    assert one.actor_rollout_ref.rollout.name == "hf"
+    assert prepare().trainer.n_gpus_per_node == 2  # grpo_cpu: hf on 2 CPU ranks
+
+
 def test_longact_config_from_dict_directly():
     assert LongActConfig.from_dict({}).ratio == 0.3
     with pytest.raises(ConfigError, match=r"longact.calibration.\['foo'\]"):

@@ -75,11 +75,28 @@ def test_hydra_argv():
         SEARCH_PATH,
         "longact.ratio=0.2",
     ]
-    default = hydra_argv([])[1]
-    assert default in ("grpo", "grpo_cpu")
     with pytest.raises(ConfigError) as e:
         hydra_argv(["recipe=nope", "x=1"])
     assert str(e.value) == f"unknown recipe 'nope'; available: {', '.join(RECIPES)}"
+
+
+def test_default_recipe_follows_the_runs_gpus(monkeypatch, capsys):
+    """Without recipe=, the GPUs counted are the cluster's when the driver joins one (a
+    head node often has none), else this host's; one line says which was chosen."""
+    import longact.train.config as config
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(config, "resolve_address", lambda address, temp_dir=None: address)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 0)
+    assert hydra_argv([])[1] == "grpo_cpu"
+    assert "this host has 0 GPUs, so recipe=grpo_cpu" in capsys.readouterr().err
+    seen = []
+    monkeypatch.setattr(config, "cluster_gpus", lambda address: seen.append(address) or 2.0)
+    argv = hydra_argv(["ray_kwargs.ray_init.address=10.0.0.1:6379", "trainer.nnodes=1"])
+    assert argv[1] == "grpo" and seen == ["10.0.0.1:6379"]
+    assert "the Ray cluster at 10.0.0.1:6379 has 2 GPUs, so recipe=grpo" in capsys.readouterr().err
+    monkeypatch.setattr(config, "cluster_gpus", lambda address: 0.0)
+    assert hydra_argv(["+ray_kwargs.ray_init.address=10.0.0.1:6379"])[1] == "grpo_cpu"
 
 
 def test_console_script_rejects_unknown_recipe():

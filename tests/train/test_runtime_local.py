@@ -50,8 +50,9 @@ def test_in_process_coordinator_must_serve_one_rank():
 
 def test_async_refresh_installs_masks_one_step_later(tmp_path):
     """refresh_async: the masks chosen from step t's statistics are in force from step
-    t+1; frozen rows stay bit-identical; a checkpoint first installs the refresh in
-    flight."""
+    t+1, except the first, which is in force at step 1 (no update without a mask);
+    frozen rows stay bit-identical against the mask in force at every step, step 1
+    included; a checkpoint first installs the refresh in flight."""
     cfg = dict(CFG, refresh_interval=1, refresh_async=True)
     model = tiny_model("qwen3", seed=0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -64,10 +65,13 @@ def test_async_refresh_installs_masks_one_step_later(tmp_path):
         runtime_step(rt, model, opt, step)
         versions.append(rt.version)
         frozen = ~rt.guard.masks[(1, "k")]
+        assert frozen.any(), f"step {step}: no mask in force"
         assert torch.equal(dict(model.named_parameters())[w].detach()[frozen], before[frozen])
-        assert ("longact/rank_refresh_s" in rt.pop_metrics()) == (step > 1)
-    # step 1 trains every row (version 0); version v is installed at step v + 1
-    assert versions == [0, 1, 2, 3]
+        # blocked on a refresh: at step 1 (the first, waited for), then installing the
+        # one sent at the step before (steps 3, 4)
+        assert ("longact/rank_refresh_s" in rt.pop_metrics()) == (step != 2)
+    # version 1 is in force at step 1; the one from step t's statistics from step t + 1
+    assert versions == [1, 1, 2, 3]
     step, _, handle = rt._inflight  # step 4's refresh is in flight, on its thread ...
     assert step == 4 and rt.version == 3
     handle.result(timeout=60)  # (let the thread finish: the coordinator publishes v4)
