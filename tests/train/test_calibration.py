@@ -4,6 +4,8 @@ mode, without a KV cache, with the logits of the last position only and prompts 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from longact_tiny import runtime_step
 from transformers import AutoModelForCausalLM
@@ -41,14 +43,25 @@ def _runtime(tiny_xxs, cfg):
     rt = LongActRuntime(
         model, opt, cfg, model_path=str(tiny_xxs), coordinator=SaliencyCoordinator(cfg, None, 1)
     )
-    calls = []
+    calls, inside = [], []
+
+    @contextlib.contextmanager
+    def engine_context():  # the engine's (verl's Ulysses patches off), here a marker
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    rt.calibration_context = engine_context
 
     def record(module, args, kwargs):
         if not module.training:  # the calibration forwards
             calls.append(
                 {
-                    **{k: kwargs.get(k) for k in ("use_cache", "logits_to_keep")},
+                    **{k: kwargs.get(k) for k in ("use_cache", "logits_to_keep", "return_dict")},
                     "tokens": kwargs["input_ids"].shape[1],
+                    "in_engine_context": bool(inside),
                 }
             )
 
@@ -64,6 +77,9 @@ def test_calibration_runs_once_lean_and_never_after_a_resume(tiny_xxs, tmp_path)
     assert rt.version == 1 and rt.last_refresh == 0  # the calibrated mask, from step 1 on
     assert len(calls) == 3  # 5 prompts in batches of 2
     assert all(c["use_cache"] is False and c["logits_to_keep"] == 1 for c in calls)
+    # verl's fused-kernel forward raises without return_dict; the engine's context (SP off)
+    # is around every calibration forward
+    assert all(c["return_dict"] is True and c["in_engine_context"] for c in calls)
     assert all(c["tokens"] <= 40 for c in calls)  # the 96-token prompts were cut
     assert model.training  # back in train mode
     for step in (2, 3):

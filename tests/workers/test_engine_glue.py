@@ -56,3 +56,22 @@ def test_masks_settle_before_verl_writes_the_optimizer(engine):
     eng, calls = engine
     eng.save_checkpoint("/nowhere", global_step=3)
     assert calls == ["before_save", "verl", "save"]
+
+
+def test_calibration_runs_with_ulysses_off(monkeypatch):
+    """Calibration feeds each rank its own whole prompts: inside the engine's calibration
+    context verl's Ulysses patches see no sequence-parallel group (world size 1, so no
+    all-to-all across ranks), and the group is back afterwards, even after an error."""
+    from verl.utils import ulysses
+
+    from longact.workers.fsdp_engine import _without_ulysses
+
+    group = object()  # stands in for the SP process group the engine set
+    monkeypatch.setattr(ulysses, "_ULYSSES_SEQUENCE_PARALLEL_GROUP", group)
+    monkeypatch.setattr(ulysses.dist, "get_world_size", lambda g: 2)
+    assert ulysses.get_ulysses_sequence_parallel_world_size() == 2
+    with pytest.raises(RuntimeError), _without_ulysses():
+        assert ulysses.get_ulysses_sequence_parallel_group() is None
+        assert ulysses.get_ulysses_sequence_parallel_world_size() == 1
+        raise RuntimeError("a calibration forward failed")
+    assert ulysses.get_ulysses_sequence_parallel_group() is group
