@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import time
 from pathlib import Path
@@ -239,7 +240,19 @@ def write_report(
             indent=1,
         )
     )
+    missing = missing_figures(path)
+    if missing:  # the page is written (look at it), but the demo did not succeed
+        raise RuntimeError(
+            f"{path} links figures no stage wrote: {', '.join(missing)}; see that stage's "
+            f"log, then rerun after deleting its folder under {out}"
+        )
     return path
+
+
+def missing_figures(page: Path) -> list[str]:
+    """The images a markdown page links that do not exist beside it."""
+    links = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", page.read_text())
+    return [link for link in links if not (page.parent / link).is_file()]
 
 
 def _ratio(cfg: dict) -> float:

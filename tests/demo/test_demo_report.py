@@ -93,6 +93,13 @@ def test_report_has_four_figures_with_sentences(tmp_path):
         "jaccard_sft_rl": {"q": 0.8, "k": 0.7},
         "summary_sft": "summary: the topk 30% channels, chosen on 16 calibration prompts",
     }
+    # the inspect stage's figures (a page is refused when it links a figure no stage wrote)
+    (tmp_path / "inspect").mkdir()
+    with pytest.raises(RuntimeError, match=r"links figures no stage wrote: inspect/heatmaps_sft"):
+        write_report(tmp_path, cfg, _Stages(), before, after, {}, insp, 287.0)
+    assert (tmp_path / "report.md").is_file()  # written all the same, to look at
+    for name in ("heatmaps_sft.png", "compare_sft_rl.png"):
+        (tmp_path / "inspect" / name).write_bytes(b"\x89PNG")
     path = write_report(tmp_path, cfg, _Stages(), before, after, {}, insp, 287.0)
     text = path.read_text()
     for fig in (

@@ -305,7 +305,7 @@ def composed() -> dict[str, dict]:
                 commands[cmd] = args if "--cfg" in args else [*args, "--cfg", "job"]
     proc = subprocess.run(
         [sys.executable, "-c", COMPOSE_ALL], input=json.dumps(list(commands.values())),
-        capture_output=True, text=True, env=_env(), timeout=600, cwd=REPO,
+        capture_output=True, text=True, env=_env(), timeout=240, cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return dict(zip(commands, json.loads(proc.stdout), strict=True))
