@@ -45,7 +45,10 @@ def _check_step(adapter, config, before: dict, after: dict, masks) -> None:
         if ref is not None and ref.kind == "weight" and any(k in layout for k in ref.keys):
             rows = adapter.param_rows(ref, layout, before[name].shape[0])
             qk[name] = (param_mask(rows, masks, before[name].shape[0]), rows)
-    assert qk, "no W_Q/W_K parameter found through the adapter"
+    # every (layer, q|k) the masks hold is found in some saved parameter, so a renamed
+    # parameter cannot leave its frozen rows unchecked
+    covered = sorted({key for _, rows in qk.values() for key, _ in rows})
+    assert covered == masks.keys(), f"W_Q/W_K rows of {covered}, masks of {masks.keys()}"
     for name, w0 in before.items():
         w1 = after[name]
         if name not in qk:
