@@ -249,7 +249,7 @@ class RowMaskGuard:
     def device_bytes(self) -> int:
         """Accelerator bytes the guard holds between steps: row-index copies and kept
         snapshot buffers (0 on a CPU host, and after ``drop_device_copies``)."""
-        held = [b for b in self._buffers.values()]
+        held = list(self._buffers.values())
         held += [i for t in self.targets for i in t._on.values()]
         return sum(x.numel() * x.element_size() for x in held if x.device.type != "cpu")
 

@@ -370,7 +370,7 @@ class LongActRuntime:
     def save(self, local_path: str) -> None:
         """Write this rank's state beside verl's shard of this rank (atomic: a write
         killed midway leaves at most a ``.tmp`` file, never a half state file)."""
-        self.before_save()  # a no-op when the engine already called it
+        self._collect()  # async: the refresh in flight (a no-op after before_save)
         path = state_path(local_path, self.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
