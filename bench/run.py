@@ -6,8 +6,9 @@
     python -m bench.run --device cuda --out docs/bench/gpu   # figures 1-3 on a GPU
 
 Full runs start Ray and verl and allocate several GB: on a shared machine run them under
-``flock /tmp/longact-heavy.lock``. Figures run cheapest first; the step-time figure (verl
-training runs, ~2 min each) goes last and fits its number of run pairs to ``--budget-s``;
+``flock /tmp/longact-heavy.lock``. Figures run cheapest first; the rollout figure (hf vs
+vllm servers, ~75 s) comes before the step-time figure (verl training runs, ~2 min each),
+which goes last and fits its number of run pairs to ``--budget-s``;
 ``bench/data_gen.py`` runs as an extra figure if time is left.
 
 ``--device cuda`` runs the figures that mean something on a GPU, with GPU sizes: the
@@ -34,7 +35,7 @@ from typing import Any
 from bench.common import figure, md_table, render
 from longact.core.arch import QKLayout
 
-FIGURES = ("memory", "mask_apply", "capture", "coordinator", "step_time", "data_gen")
+FIGURES = ("memory", "mask_apply", "capture", "coordinator", "rollout", "step_time", "data_gen")
 GPU_FIGURES = ("train_step", "capture", "capture_8b", "mask_apply")
 GPU = {  # defaults with --device cuda
     "train_step": {},
@@ -130,6 +131,10 @@ def run_figure(name: str, args: argparse.Namespace, deadline: float, log=print) 
         kw.setdefault("rank_counts", tuple(int(x) for x in args.ranks.split(",")))
         kw.setdefault("reps", args.coord_reps)
         return coordinator.run(log=log, **kw)
+    if name == "rollout":
+        from bench import rollout
+
+        return rollout.run(log=log)
     if name == "step_time":
         from bench import step_time
 
@@ -181,7 +186,7 @@ def write(out: Path, figs: list[dict], meta: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="docs/bench", help="folder for results.json, README.md")
-    p.add_argument("--quick", action="store_true", help="tiny sizes; skips step_time")
+    p.add_argument("--quick", action="store_true", help="tiny sizes; skips the verl runs")
     p.add_argument("--only", default="", help=f"comma list of {', '.join(FIGURES)}")
     p.add_argument("--budget-s", type=float, default=570.0, help="whole-run time budget")
     p.add_argument("--steps", type=int, default=8, help="training steps per step-time run")
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     valid = GPU_FIGURES if args.device != "cpu" else FIGURES
     names = [n for n in args.only.split(",") if n] or [
-        n for n in valid if not (args.quick and n in ("step_time", "data_gen"))
+        n for n in valid if not (args.quick and n in ("rollout", "step_time", "data_gen"))
     ]
     for n in names:
         if n not in valid:

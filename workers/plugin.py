@@ -6,7 +6,8 @@ only adds entries to verl's own registries:
 
 - the ``cpu`` platform, chosen by verl's probe when no CUDA device is visible;
 - verl's FSDP engine registered for the ``cpu`` device;
-- the ``hf`` rollout backend.
+- the ``hf`` rollout backend;
+- the ``vllm`` replica on PyPI's CPU build of vLLM (verl's own on any other build).
 
 It also stops ``python -m verl.trainer.main_ppo`` given ``longact.*`` overrides, which
 would otherwise train as plain RL.
@@ -64,11 +65,12 @@ def _names_recipe(arg: str, args: list[str]) -> bool:
 
 
 def register_all() -> None:
-    from . import cpu_platform, fsdp_engine, hf_rollout
+    from . import cpu_platform, fsdp_engine, hf_rollout, vllm_cpu
 
     cpu_platform.register()
     fsdp_engine.register()
     hf_rollout.register()
+    vllm_cpu.register()
 
 
 refuse_plain_verl_entry()

@@ -1,7 +1,7 @@
 """``longact doctor``: check this install, or a run before it starts.
 
 - ``longact doctor``: versions, the verl platform, the engine and rollouts LongAct
-  registered with verl.
+  registered with verl, and what the hf and vllm rollouts run here.
 - ``longact doctor recipe=dapo_cpu actor_rollout_ref.model.path=... ...``: the same
   arguments as ``longact-train``; composes the run's config without starting Ray and
   reports its settings, what verl's v1 trainer will ignore, keys without effect, and
@@ -102,6 +102,7 @@ def environment() -> int:
     from verl.workers.engine.base import EngineRegistry
     from verl.workers.rollout.base import _ROLLOUT_REGISTRY
 
+    from longact.train.doctor import rollout_engine
     from longact.train.plugin_check import plugin_problem
 
     for device in ("cpu", "cuda"):
@@ -115,4 +116,6 @@ def environment() -> int:
     print(f"verl platform: {platform.device_name} ({type(platform).__name__})")
     print(f"fsdp2 engine: {engine.__module__}.{engine.__qualname__}")
     print(f"rollouts: {sorted({name for name, _ in _ROLLOUT_REGISTRY})}")
+    for name in ("hf", "vllm"):
+        print(f"  {name}: {rollout_engine(name, platform.device_name)}")
     return 0

@@ -143,14 +143,26 @@ def build_model(
     return model
 
 
-def write_tiny_model(out: str | Path, size: str = "xs", seed: int = 0, arch: str = "qwen3") -> Path:
-    """Write tokenizer + model of family ``arch`` to ``out`` and return the path."""
+def write_tiny_model(
+    out: str | Path, size: str = "xs", seed: int = 0, arch: str = "qwen3", vocab_multiple: int = 64
+) -> Path:
+    """Write tokenizer + model of family ``arch`` to ``out`` and return the path.
+
+    The embedding table is padded to a multiple of ``vocab_multiple`` rows, as released
+    models pad theirs. verl's vLLM rollout bans the padded ids (no tokenizer id maps to
+    them), so its log-probs are normalized over the tokenizer's ids while the actor's are
+    over the whole table: on an untrained model the two differ by about
+    ``log(table / tokenizer)`` (0.007 for xs at 64). ``vocab_multiple=1`` leaves no
+    padding, for checks that compare the two at fp32 tolerance.
+    """
     from longact.models.tiny_arch import ARCHS
 
     SIZES.get(size), ARCHS.get(arch)  # validate before touching the disk
+    if not isinstance(vocab_multiple, int) or vocab_multiple < 1:
+        raise ValueError(f"vocab_multiple={vocab_multiple!r}: must be an integer >= 1")
     out = Path(out)
     tokenizer = build_tokenizer()
-    vocab_size = ((len(tokenizer) + 63) // 64) * 64  # pad the table to a multiple of 64
+    vocab_size = -(-len(tokenizer) // vocab_multiple) * vocab_multiple
     eos_id = tokenizer.convert_tokens_to_ids(EOS)
     pad_id = tokenizer.convert_tokens_to_ids(PAD)
     model = build_model(size, vocab_size, seed, arch, eos_id=eos_id)

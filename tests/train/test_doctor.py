@@ -97,3 +97,14 @@ def test_unreadable_inputs_are_problems(run_files, tmp_path, capsys):
     assert "PROBLEM    longact.ratio=1.5 is outside (0, 1]" in out, out
     assert main(_args(run_files, f"actor_rollout_ref.model.path={tmp_path / 'none'}")) == 1
     assert "does not exist" in capsys.readouterr().out
+
+
+def test_names_the_rollout_engine_and_refuses_vllm_for_a_16_wide_head(run_files, capsys):
+    """The rollout line says what runs and whether it is installed; the xxs model's
+    head_dim 16 is below what vLLM's CPU attention serves, so vllm is a problem."""
+    assert main(_args(run_files, "actor_rollout_ref.rollout.name=vllm")) == 1
+    out = capsys.readouterr().out
+    assert "rollout    vllm, n=8, tensor parallel 1: verl's vLLM server on PyPI's CPU build" in out
+    assert "PROBLEM    " in out and "has head_dim 16; vLLM's CPU attention serves" in out
+    assert main(_args(run_files)) == 0
+    assert "transformers.generate in a Ray actor (LongAct's hf rollout)" in capsys.readouterr().out
