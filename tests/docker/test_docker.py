@@ -309,6 +309,24 @@ def test_docker_build_context_holds_what_the_dockerfiles_copy():
                 assert not _dockerignored(rel), f"{rel} is left out of the image"
 
 
+def test_dependency_layer_copies_every_file_install_sh_runs():
+    """Each Dockerfile installs its dependencies (``install.sh TIER --deps-only``) before
+    ``COPY .``, from the files COPY'd so far: every repository file install.sh reads
+    (``$ROOT/...``) must be among them, or the build stops at that layer."""
+    script = (REPO / "scripts" / "install.sh").read_text()
+    used = set(re.findall(r"\$ROOT/((?:scripts|requirements)/[\w.]+|setup\.py)", script))
+    assert "scripts/vllm_cpu_alias.py" in used and "scripts/torch_source.py" in used, used
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        head = text[: text.index("--deps-only")]
+        copied = [src.rstrip("/") for ln in head.splitlines() if ln.startswith("COPY ")
+                  for src in ln.split()[1:-1]]  # fmt: skip
+        for f in sorted(used):
+            assert any(f == c or f.startswith(c + "/") for c in copied), (
+                f"{dockerfile.name}: install.sh reads {f}, not COPY'd before --deps-only"
+            )
+
+
 def test_cpu_image_runs_the_demo_into_the_mounted_runs_folder():
     """``docker run ... -v "$PWD/runs:/work/runs" longact:cpu``: the CPU image's default
     command is ``make demo``'s (the same module, the same arguments) with its output in
