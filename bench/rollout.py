@@ -4,8 +4,8 @@ verl's v1 trainer waits for a step's rollouts by polling its replay buffer every
 its ``timing_s/gen`` on a CPU step reads 2.0 s for either engine whenever the rollout
 itself takes less. This figure times the rollout servers directly instead, each the class
 a ``grpo_cpu`` run starts (``HFRolloutServer``; verl's ``vLLMHttpServer`` as
-``longact.workers.vllm_cpu`` subclasses it), in a Ray actor, with the platform's settings
-(fp32, eager vLLM, a 256 MiB KV cache):
+``longact.workers.vllm_cpu`` subclasses it), in a Ray actor, with the rollout settings a
+``grpo_cpu`` run composes (the CPU platform's fp32, eager vLLM, KV cache and sync bucket):
 
 - start: constructing the actor until it serves (model load; vLLM's engine and workers);
 - a step's rollout: the demo's batch, 4 prompts x n=8 samples submitted at once (as the
@@ -35,7 +35,24 @@ ENGINES = ("hf", "vllm")
 PROMPTS, SAMPLES, PROMPT_LEN = 4, 8, 128  # hydra_configs/demo.yaml: batch 4, n=8, length 128
 
 
-def _configs(model: Path, response: int):
+def _platform_rollout() -> dict[str, Any]:
+    """The rollout settings a ``grpo_cpu`` run composes (hydra_configs/platform/cpu.yaml)."""
+    from omegaconf import OmegaConf
+
+    from longact.train.doctor import compose
+
+    _, c = compose(["recipe=grpo_cpu", "actor_rollout_ref.model.path=unused"])
+    r = c.actor_rollout_ref.rollout
+    return {
+        "dtype": r.dtype,
+        "enforce_eager": r.enforce_eager,
+        "free_cache_engine": r.free_cache_engine,
+        "engine_kwargs": {"vllm": OmegaConf.to_container(r.engine_kwargs.vllm, resolve=True)},
+        "bucket_mb": int(r.checkpoint_engine.update_weights_bucket_megabytes),
+    }
+
+
+def _configs(model: Path, response: int, platform: dict[str, Any]):
     from verl.workers.config import HFModelConfig, RolloutConfig
 
     rollout = RolloutConfig(
@@ -46,24 +63,19 @@ def _configs(model: Path, response: int):
         max_model_len=PROMPT_LEN + 64 + response,
         max_num_batched_tokens=4096,
         max_num_seqs=PROMPTS * SAMPLES,
-        dtype="float32",
-        enforce_eager=True,
         enable_sleep_mode=False,
-        free_cache_engine=False,
         load_format="auto",
-        engine_kwargs={"vllm": {"kv_cache_memory_bytes": 256 << 20}},
+        **{k: v for k, v in platform.items() if k != "bucket_mb"},
     )
     return rollout, HFModelConfig(path=str(model))
 
 
-def _start(engine: str, model: Path, response: int):
+def _start(engine: str, model: Path, response: int, platform: dict[str, Any]):
     import ray
     from verl.plugin.platform import get_platform
     from verl.workers.rollout.replica import RolloutMode
 
-    rollout, model_cfg = _configs(model, response)
-    env = {**{v: "1" for v in get_platform().ray_noset_envvars()}}
-    env.update(get_platform().rollout_env_vars())
+    rollout, model_cfg = _configs(model, response, platform)
     if engine == "hf":
         from longact.workers.hf_rollout import HFRolloutServer
 
@@ -73,6 +85,8 @@ def _start(engine: str, model: Path, response: int):
         return server
     from longact.workers.vllm_cpu import CPUvLLMHttpServer
 
+    env = {v: "1" for v in get_platform().ray_noset_envvars()}  # as vLLMReplica sets them
+    env.update(get_platform().rollout_env_vars())
     actor = ray.remote(CPUvLLMHttpServer).options(
         num_cpus=0, max_concurrency=64, runtime_env={"env_vars": env}
     )
@@ -100,7 +114,7 @@ async def _one_step(server, prompts: list[list[int]], response: int, tag: str) -
     return took
 
 
-def _sync(engine: str, server, state: dict) -> float:
+def _sync(engine: str, server, state: dict, bucket_mb: int) -> float:
     import ray
 
     t0 = time.perf_counter()
@@ -114,7 +128,7 @@ def _sync(engine: str, server, state: dict) -> float:
 
     async def send():
         done = server.collective_rpc.remote("update_weights_from_ipc", kwargs={"use_shm": True})
-        sender = BucketedWeightSender(zmq_handle=handle, bucket_size_mb=256, use_shm=True)
+        sender = BucketedWeightSender(zmq_handle=handle, bucket_size_mb=bucket_mb, use_shm=True)
         await sender.async_send_weights(iter(state.items()))
         await done
         await server.clear_kv_cache.remote()
@@ -145,6 +159,7 @@ def run(rounds: int = 4, responses: tuple[int, ...] = (8, 64), log=print) -> dic
     ]
     prompts = [tok(x, add_special_tokens=False)["input_ids"] for x in texts]
     state = load_file(str(model / "model.safetensors"))
+    platform = _platform_rollout()
     os.environ.pop("RAY_ADDRESS", None)
     ray.init(num_cpus=4, num_gpus=1, include_dashboard=False, log_to_driver=False)
     res: dict[str, dict[str, Any]] = {}
@@ -152,13 +167,13 @@ def run(rounds: int = 4, responses: tuple[int, ...] = (8, 64), log=print) -> dic
         for engine in ENGINES:
             for response in responses:
                 t0 = time.perf_counter()
-                server = _start(engine, model, response)
+                server = _start(engine, model, response, platform)
                 start_s = time.perf_counter() - t0
                 steps = [
                     asyncio.run(_one_step(server, prompts, response, f"{engine}{k}"))
                     for k in range(rounds + 1)
                 ][1:]
-                syncs = [_sync(engine, server, state) for _ in range(3)][1:]
+                syncs = [_sync(engine, server, state, platform["bucket_mb"]) for _ in range(3)][1:]
                 after = asyncio.run(_one_step(server, prompts, response, f"{engine}-after"))
                 res[f"{engine}/{response}"] = {
                     "start_s": start_s,
