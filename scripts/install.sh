@@ -50,6 +50,13 @@ case "$SET" in
   *) echo "install.sh: first argument must be 'cpu' or 'gpu', got '${SET}'" >&2; exit 2 ;;
 esac
 
+# LONGACT_CA_BUNDLE: a CA bundle for TLS (a TLS-inspecting proxy's), used by pip and by
+# Python's own HTTPS where the file is there; the images pass their build-time secret.
+if [[ -n "${LONGACT_CA_BUNDLE:-}" && -s "$LONGACT_CA_BUNDLE" ]]; then
+  export PIP_CERT="$LONGACT_CA_BUNDLE" SSL_CERT_FILE="$LONGACT_CA_BUNDLE" \
+    REQUESTS_CA_BUNDLE="$LONGACT_CA_BUNDLE"
+fi
+
 PY="${PYTHON:-python3}"
 if [[ -n "$VENV" ]]; then
   if [[ ! -x "$VENV/bin/python" ]]; then

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,12 @@ class Stages:
         return result
 
 
+CRASH_SIGNS = re.compile(
+    r"SIG(SEGV|BUS|ABRT|KILL|ILL|FPE)|Fatal Python error|Segmentation fault|core dumped"
+    r"|[Oo]ut of memory|OOM|Killed|died|Check failed|terminate called",
+)
+
+
 def stream(
     cmd: list[str],
     log_path: Path,
@@ -94,8 +101,13 @@ def stream(
                 on_line(line)
         code = proc.wait()
     if code != 0:
-        tail = "".join(Path(log_path).read_text(errors="replace").splitlines(True)[-40:])
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {code}; see {log_path}\n{tail}")
+        lines = Path(log_path).read_text(errors="replace").splitlines(True)
+        tail = "".join(lines[-40:])
+        # a worker that died (a signal, the OOM killer) says so far above the traceback
+        # its death causes in the driver: bring those lines along
+        crash = [ln for ln in lines[:-40] if CRASH_SIGNS.search(ln)][-20:]
+        seen = f"crash signs in the log:\n{''.join(crash)}...\n" if crash else ""
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {code}; see {log_path}\n{seen}{tail}")
 
 
 def bin_path(name: str) -> str:
