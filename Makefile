@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PYTHONWARNINGS ?= ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning
 
-.PHONY: setup demo test test-fast lint format bench reproduce gpu-rehearsal lock clean
+.PHONY: setup demo test test-fast lint format bench reproduce gpu-rehearsal lock lock-gpu clean
 
 setup: $(VENV)/.longact-install-cpu
 
@@ -49,6 +49,20 @@ lock: setup
 	( echo "# Full pinned environment of the CPU set + dev set (pip freeze), used as constraints"; \
 	  echo "# so every machine resolves the same versions. Regenerate: make lock"; \
 	  cat requirements/cpu.lock.new ) > requirements/cpu.lock && rm requirements/cpu.lock.new
+
+# The GPU image's set (Python 3.12, Linux x86_64) resolved for that target from any
+# machine, flash-attn aside (a source package, pinned in gpu.txt). uv, in its own
+# folder: pip's resolver backtracked for over 12 minutes on this set without the lock.
+UV_VERSION := 0.13.9
+lock-gpu:
+	test -x build/uv/bin/uv || { python3 -m venv build/uv && build/uv/bin/pip install -q uv==$(UV_VERSION); }
+	( grep -v '^flash-attn' requirements/gpu.txt | sed 's#^-r verl.txt#-r requirements/verl.txt#'; \
+	  cat requirements/gpu-build.txt ) \
+	  | build/uv/bin/uv pip compile - --python-version 3.12 --python-platform x86_64-manylinux_2_28 \
+	    --native-tls --no-annotate --no-header -q -o requirements/gpu.lock.new
+	( echo "# The GPU set + its build tools, resolved for Python 3.12 on Linux x86_64 (uv pip"; \
+	  echo "# compile), used as constraints by scripts/install.sh gpu. Regenerate: make lock-gpu"; \
+	  cat requirements/gpu.lock.new ) > requirements/gpu.lock && rm requirements/gpu.lock.new
 
 clean:
 	rm -rf runs outputs .pytest_cache .ruff_cache .rehearsal

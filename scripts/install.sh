@@ -94,17 +94,18 @@ elif [[ "$SET" == "cpu" ]]; then
   rm -rf "$ALIAS_DIR"
   echo "$HASH" > "$STAMP"
 else
-  echo "[install] GPU set (torch 2.11.0, vllm 0.24.0, flash-attn 2.8.3)"
-  "${PIP[@]}" torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
+  echo "[install] GPU set (torch 2.11.0, vllm 0.24.0, flash-attn 2.8.3; pinned by requirements/gpu.lock)"
+  LOCK=(-c "$ROOT/requirements/gpu.lock")
+  "${PIP[@]}" torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0 "${LOCK[@]}"
   # flash-attn 2.8.3 is source-only and imports torch in its setup: no build isolation
-  "${PIP[@]}" -r "$ROOT/requirements/gpu-build.txt"
+  "${PIP[@]}" -r "$ROOT/requirements/gpu-build.txt" "${LOCK[@]}"
   if [[ "${LONGACT_SKIP_FLASH_ATTN:-0}" == 1 ]]; then  # fallback: sdpa attention only
     echo "[install] flash-attn skipped (LONGACT_SKIP_FLASH_ATTN=1)"
     "${PIP[@]}" $(grep -v '^flash-attn' "$ROOT/requirements/gpu.txt" | sed 's/#.*//' | grep -v '^-r' | xargs) \
-      -r "$ROOT/requirements/verl.txt"
+      -r "$ROOT/requirements/verl.txt" "${LOCK[@]}"
   else
-    "${PIP[@]}" --no-build-isolation flash-attn==2.8.3
-    "${PIP[@]}" -r "$ROOT/requirements/gpu.txt"
+    "${PIP[@]}" --no-build-isolation flash-attn==2.8.3 "${LOCK[@]}"
+    "${PIP[@]}" -r "$ROOT/requirements/gpu.txt" "${LOCK[@]}"
   fi
   [[ $DEV == 1 ]] && "${PIP[@]}" -r "$ROOT/requirements/dev.txt"
   echo "$HASH" > "$STAMP"

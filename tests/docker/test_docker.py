@@ -344,3 +344,27 @@ def test_gpu_check_without_verl_asks_for_wheels(tmp_path):
         proc = subprocess.run(["bash", script, *args], env=env, capture_output=True, text=True,
                               timeout=60)  # fmt: skip
         assert proc.returncode == 2 and message in proc.stderr, proc.stdout + proc.stderr
+
+
+def _pins(path: Path) -> dict[str, str]:
+    """``name==version`` lines of a requirements file (names normalized, extras dropped)."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([^\s;#]+)", line.strip())
+        if m:
+            pins[re.sub(r"[-_.]+", "-", m.group(1)).lower()] = m.group(2)
+    return pins
+
+
+def test_gpu_lock_holds_every_pin_of_the_gpu_set():
+    """requirements/gpu.lock (``make lock-gpu``) pins the versions gpu.txt, verl.txt and
+    gpu-build.txt name, flash-attn aside (a source package the lock cannot resolve): an
+    edit to one of them without a new lock fails here, not in an image build."""
+    lock = _pins(REPO / "requirements" / "gpu.lock")
+    named = {}
+    for name in ("gpu.txt", "verl.txt", "gpu-build.txt"):
+        named |= _pins(REPO / "requirements" / name)
+    assert named.pop("flash-attn") == "2.8.3" and "flash-attn" not in lock
+    stale = {k: (v, lock.get(k)) for k, v in named.items() if lock.get(k) != v}
+    assert not stale, f"(requirements, gpu.lock) disagree, run make lock-gpu: {stale}"
+    assert lock["torch"] == "2.11.0" and lock["vllm"] == "0.24.0" and len(lock) > 200
