@@ -246,6 +246,8 @@ def test_ray_coordinator_that_never_answers_fails_the_rank_within_its_bound(
 
     run_id = new_run_id()
     coord = create(LongActConfig(run_id=run_id, timeout_s=3600))
+    # the actor's process is up before the 2 s bound starts: only the silence is timed
+    assert ray_cluster.get(coord.ping.remote(), timeout=60)["world_size"] is None
     monkeypatch.setattr(client_module, "GRACE_S", 1.0)
     try:
         client = client_module.RayClient(LongActConfig(run_id=run_id, timeout_s=1.0))
