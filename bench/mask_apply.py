@@ -159,6 +159,36 @@ def plain_step(opt: torch.optim.Optimizer, device: str = "cpu") -> dict[str, flo
     return {"plain_adamw": t1 - t0, "plain_decay": time.perf_counter() - t1}
 
 
+def time_arms(
+    opt: torch.optim.Optimizer, guards: dict, reps: int, device: str = "cpu", log=print
+) -> dict[str, list[float]]:
+    """Every arm once to warm up, then ``reps`` steps each in ABBA order; the parts of each
+    step, plus each path's LongAct total: snapshot = mask + snapshot + restore; masked =
+    mask + enter + exit + hook - the decay AdamW skips because the hook applies it."""
+
+    def one(arm: str) -> dict[str, float]:
+        if arm == "plain":
+            return plain_step(opt, device)
+        return guarded_step(opt, guards[arm], device, arm)
+
+    for arm in ARMS:  # warm-up of every arm
+        one(arm)
+    samples: dict[str, list[float]] = {}
+    for i, arm in enumerate(abba(ARMS, reps)):
+        got = one(arm)
+        for k, v in got.items():
+            samples.setdefault(k, []).append(v)
+        log(f"  [{i + 1}/{len(ARMS) * reps}] {arm}: {next(reversed(got.values())):.3f} s")
+    samples["snapshot_longact"] = [
+        sum(x) for x in zip(*(samples[f"snapshot_{n}"] for n in ("mask_grads", "enter", "exit")))
+    ]
+    parts = (samples[f"masked_{n}"] for n in ("mask_grads", "enter", "exit", "hook"))
+    samples["masked_longact"] = [
+        sum(x) - d for x, d in zip(zip(*parts), samples["plain_decay"], strict=True)
+    ]
+    return samples
+
+
 ROWS = [  # (key, label)
     ("snapshot_mask_grads", "old (snapshot): mask_grads (zero frozen grad rows)"),
     ("snapshot_enter", "old: protect enter = snapshot frozen rows"),
@@ -200,29 +230,9 @@ def run(
         f"{time.perf_counter() - t_setup:.1f} s, RSS +{human_bytes(rss_bytes() - rss0)}"
     )
 
-    def one(arm: str) -> dict[str, float]:
-        if arm == "plain":
-            return plain_step(opt, device)
-        return guarded_step(opt, guards[arm], device, arm)
-
-    for arm in ARMS:  # warm-up of every arm
-        one(arm)
     if not cpu:
         torch.cuda.reset_peak_memory_stats(device)
-    samples: dict[str, list[float]] = {}
-    for i, arm in enumerate(abba(ARMS, reps)):
-        got = one(arm)
-        for k, v in got.items():
-            samples.setdefault(k, []).append(v)
-        log(f"  [{i + 1}/{len(ARMS) * reps}] {arm}: {next(reversed(got.values())):.3f} s")
-    samples["snapshot_longact"] = [
-        sum(x) for x in zip(*(samples[f"snapshot_{n}"] for n in ("mask_grads", "enter", "exit")))
-    ]
-    # masked: what LongAct adds = mask_grads + enter + exit + hook - the decay AdamW skips
-    parts = (samples[f"masked_{n}"] for n in ("mask_grads", "enter", "exit", "hook"))
-    samples["masked_longact"] = [
-        sum(x) - d for x, d in zip(zip(*parts), samples["plain_decay"], strict=True)
-    ]
+    samples = time_arms(opt, guards, reps, device, log)
     s = {k: summarize(v) for k, v in samples.items()}
     adam = s["plain_adamw"]["median"]
     paired = {a: paired_ratios(samples[f"{a}_total"], samples["plain_adamw"]) for a in ARMS[:2]}

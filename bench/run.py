@@ -35,7 +35,9 @@ from typing import Any
 from bench.common import figure, md_table, render
 from longact.core.arch import QKLayout
 
-FIGURES = ("memory", "mask_apply", "capture", "coordinator", "rollout", "step_time", "data_gen")
+FIGURES = (
+    "memory", "mask_apply", "lora", "capture", "coordinator", "rollout", "step_time", "data_gen"
+)  # fmt: skip
 GPU_FIGURES = ("train_step", "capture", "capture_8b", "mask_apply")
 GPU = {  # defaults with --device cuda
     "train_step": {},
@@ -115,6 +117,11 @@ def run_figure(name: str, args: argparse.Namespace, deadline: float, log=print) 
 
         kw.setdefault("layers", args.mask_layers)
         return mask_apply.run(log=log, **kw)
+    if name == "lora":
+        from bench import lora_update
+
+        kw = dict(lora_update.QUICK) if args.quick else {}
+        return lora_update.run(log=log, **kw)
     if name == "capture_8b":  # GPU only: 4 decoder layers of Qwen3-8B's shape
         from bench import capture
 

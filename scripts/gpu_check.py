@@ -24,7 +24,13 @@ brought along). Every run goes through ``longact-train recipe=grpo`` on CUDA:
    between steps;
 4. ``off``: LongAct off, the same 4 steps as ``on``, no checkpoints;
 5. the actor-update time with LongAct on vs off (``timing_s/update_actor``, median over
-   steps 2-4), and ``bench`` ``mask_apply`` on the device.
+   steps 2-4), and ``bench`` ``mask_apply`` on the device;
+6. ``lora``: the ``on`` settings over a LoRA adapter (rank 8, all linear layers), 2 steps,
+   the adapter synced to the rollout unmerged, an entropy bonus (the untrained model's
+   rewards are all 0, so the policy gradient is too). Checked at each step from the adapter
+   LongAct saves (gathered from the shards): q/k ``lora_B`` is exactly zero in every row
+   whose channel no mask selected so far, some rows trained, and merged into the base
+   with peft, W_Q/W_K differ from the base only in selected rows.
 
 ``--device cpu`` runs the same flow with the CPU recipe (``grpo_cpu``, 2 ranks), to
 check the script without a GPU (``make gpu-rehearsal``). One JSON report goes to stdout
@@ -50,9 +56,12 @@ import torch
 from longact.train.ckpt_read import (
     QK_SUFFIXES,
     hf_weights,
+    lora_qk_rows,
+    lora_weights,
     qk_optimizer_state,
     qk_slot,
     saved_masks,
+    step_dir,
 )
 from longact.train.logs import parse_step_metrics
 
@@ -233,6 +242,47 @@ def check_saved_moments(model: Path, ckpt: Path, steps: int, world: int) -> int:
     return checked
 
 
+def check_lora(model: Path, ckpt: Path, steps: int) -> int:
+    """Per step of a LoRA run: q/k lora_B zero in rows no saved mask so far selected, not
+    zero everywhere, and the merged W_Q/W_K equal to the base outside selected rows.
+    Returns how many lora_B tensors were checked."""
+    from transformers import AutoConfig
+
+    from longact.core.arch import get_adapter, param_mask
+    from longact.core.lora import ADAPTER_DIR, load_with_adapter
+
+    config = AutoConfig.from_pretrained(model)
+    adapter = get_adapter(config)
+    layout = adapter.layout(config)
+    base = _base_weights(model)
+    ever, checked = None, 0
+    for step in range(1, steps + 1):
+        masks, _ = saved_masks(ckpt, step)
+        ever = {k: masks[k] if ever is None else ever[k] | masks[k] for k in layout}
+        weights = lora_weights(ckpt, step)
+        qk = lora_qk_rows(weights, config)
+        covered = {key for rows in qk.values() for key, _ in rows}
+        if covered != set(layout.keys()):
+            raise CheckFailed(f"step {step}: the adapter's q/k lora_B cover {sorted(covered)}")
+        for name, rows in qk.items():
+            b = weights[name]
+            never = ~param_mask(rows, ever, b.shape[0])
+            if b[never].count_nonzero():
+                raise CheckFailed(f"step {step}: {name} is non-zero in a row never selected")
+            if not b.count_nonzero():
+                raise CheckFailed(f"step {step}: {name} did not train")
+            checked += 1
+        merged = load_with_adapter(step_dir(ckpt, step) / ADAPTER_DIR, model, merge=True)
+        merged = merged.state_dict()
+        for key in layout:
+            name = adapter.param_name(*key)
+            rows = dict(adapter.param_rows(adapter.match_param(name), layout, base[name].shape[0]))
+            changed = (merged[name][rows[key]].float() != base[name][rows[key]].float()).any(1)
+            if changed[~ever[key]].any():
+                raise CheckFailed(f"step {step}: merged {name} changed in a row never selected")
+    return checked
+
+
 def series(metrics: dict, key: str, steps) -> list[float]:
     missing = [s for s in steps if key not in metrics.get(s, {})]
     if missing:
@@ -343,6 +393,31 @@ def run_checks(a: argparse.Namespace, out: Path, report: dict) -> None:
     held = report["held_device_bytes_on"] + report["held_device_bytes_snapshot"]
     if any(held):
         problems.append(f"LongAct held GPU memory between steps: {held} bytes")
+
+    # 6. LoRA (last: a failure here leaves every figure above in the report)
+    t = time.time()
+    lora_ckpt = out / "ckpt_lora"
+    lora_args = [o for o in overrides(a.device, model, data, lora_ckpt) if "save_contents" not in o]
+    lora_log = train(
+        [
+            *lora_args,
+            "actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra]",
+            "actor_rollout_ref.model.lora_rank=8",
+            "actor_rollout_ref.model.lora_alpha=16",
+            "actor_rollout_ref.model.target_modules=all-linear",
+            # an untrained model scores 0 everywhere: no policy gradient, and lora_B starts
+            # at 0, so weight decay moves nothing; the entropy bonus gives every row a gradient
+            "actor_rollout_ref.actor.entropy_coeff=0.01",
+            "trainer.total_training_steps=2",
+            "trainer.save_freq=1",
+        ],
+        out / "lora.log",
+    )
+    lm = parse_step_metrics(lora_log)
+    report["lora_mask_versions"] = series(lm, "actor/longact/mask_version", (1, 2))
+    report["lora_rollout_probs_diff_max"] = series(lm, "training/rollout_probs_diff_max", (1, 2))
+    report["lora_b_tensors_checked"] = check_lora(model, lora_ckpt, 2)
+    times["lora"] = time.time() - t
 
 
 def main() -> int:

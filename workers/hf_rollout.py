@@ -9,7 +9,9 @@ registries verl uses for them:
   per replica. The agent loop calls its ``generate`` (token ids in, token ids and
   per-token log-probs out), exactly as it calls a vLLM server.
 - ``HFServerAdapter`` (``_ROLLOUT_REGISTRY``): lives in the training worker and pushes
-  the actor's weights to the server at every sync (``update_weights``).
+  the actor's weights to the server at every sync (``update_weights``). With LoRA, verl
+  sends merged weights (``model.lora.merge=true``) or the adapter (the default); the
+  server then serves the model through peft with that adapter.
 
 Concurrent requests with the same sampling settings are batched (left padding) for one
 ``generate`` call. Log-probs are ``log_softmax(logits / temperature)`` of the sampled
@@ -134,9 +136,16 @@ class HFRolloutServer:
         return None
 
     # ---- weights ----------------------------------------------------------------------
-    async def load_weights(self, state: dict[str, torch.Tensor]) -> int:
-        """Copy named tensors (HF names) into the served model; returns how many."""
+    async def load_weights(
+        self, state: dict[str, torch.Tensor], peft_config: dict | None = None
+    ) -> int:
+        """Copy named tensors (HF names) into the served model; returns how many. With
+        ``peft_config`` (verl's unmerged LoRA sync) the model is served with that LoRA
+        adapter, as vLLM serves one: base tensors (``.base_layer`` names) go into the
+        base model, ``lora_`` tensors into the adapter."""
         async with self._lock:
+            if peft_config is not None:
+                return self._load_lora(state, peft_config)
             # state_dict keeps tied aliases (lm_head.weight -> embed_tokens.weight)
             params = self.model.state_dict(keep_vars=True)
             unknown = [k for k in state if k not in params]
@@ -146,6 +155,32 @@ class HFRolloutServer:
                 for name, tensor in state.items():
                     params[name].copy_(tensor.to(params[name].dtype))
             return len(state)
+
+    @torch.no_grad()
+    def _load_lora(self, state: dict[str, torch.Tensor], peft_config: dict) -> int:
+        from peft import get_peft_config, get_peft_model, set_peft_model_state_dict
+
+        if not hasattr(self.model, "peft_config"):
+            cfg = {k: v for k, v in peft_config.items() if v is not None}
+            cfg["inference_mode"] = True
+            self.model = get_peft_model(self.model, get_peft_config(cfg)).eval()
+        adapter = {k: v for k, v in state.items() if "lora_" in k}
+        base = self.model.get_base_model().state_dict(keep_vars=True)
+        unknown = []
+        for name, tensor in state.items():
+            if name in adapter:
+                continue
+            key = name if name in base else name.replace(".base_layer.", ".")
+            if key not in base:
+                unknown.append(name)
+                continue
+            base[key].copy_(tensor.to(base[key].dtype))
+        if adapter:
+            loaded = set_peft_model_state_dict(self.model, adapter)
+            unknown += list(getattr(loaded, "unexpected_keys", []) or [])
+        if unknown:
+            raise KeyError(f"LoRA sync: weights not in the served model: {unknown[:5]}")
+        return len(state)
 
     async def get_state_checksum(self) -> float:
         """Sum of all parameters: lets tests see that a sync changed the weights."""
@@ -336,6 +371,7 @@ def _adapter_class():
         @torch.no_grad()
         async def update_weights(self, weights, global_steps: int | None = None, **kwargs):
             wire_format = kwargs.pop("wire_format", "named_tensors")
+            peft_config = kwargs.pop("peft_config", None)  # unmerged LoRA (verl's sync)
             if wire_format != "named_tensors":
                 raise ValueError(f"the hf rollout takes full named tensors, got {wire_format!r}")
             start = time.time()
@@ -346,7 +382,7 @@ def _adapter_class():
                     tensor = tensor.full_tensor()
                 state[name] = tensor.detach().to("cpu", copy=True)
             server = self._handle()
-            await server.load_weights.remote(state)
+            await server.load_weights.remote(state, peft_config)
             if global_steps is not None:
                 await server.set_global_steps.remote(global_steps)
             logger.info("hf rollout: %d tensors synced in %.2fs", len(state), time.time() - start)

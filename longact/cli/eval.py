@@ -2,7 +2,10 @@
 
     longact eval --model DIR --tasks niah_single,vt,qa --lengths 256,512,1024 --n 16 \\
         --out DIR [--seed 0] [--batch-size 8] [--max-new-tokens 32] [--backend auto] \\
-        [--longbench data.json]
+        [--longbench data.json] [--base DIR]
+
+``--model`` may be a LoRA adapter (a LoRA run's ``global_step_N/actor``): it is merged
+into its base model (``--base``, default: the path the adapter records) for the run.
 
 Writes ``results.json`` (per-sample scores; per task x length accuracy and n),
 ``results.md`` (table) and ``accuracy_vs_length.png`` into ``--out``.
@@ -17,7 +20,14 @@ from longact.cli.main import UsageError
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model on the long-context tasks")
-    p.add_argument("--model", required=True, help="HF model dir or verl checkpoint (huggingface/)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="HF model dir, verl checkpoint (huggingface/) or LoRA adapter (lora_adapter/)",
+    )
+    p.add_argument(
+        "--base", default=None, help="base model of a LoRA adapter (default: the adapter's)"
+    )
     p.add_argument("--tasks", required=True, help="task names, comma-separated")
     p.add_argument("--lengths", required=True, help="prompt lengths in tokens, comma-separated")
     p.add_argument("--n", type=int, default=16, help="samples per task and length (default 16)")
@@ -65,6 +75,7 @@ def run(args) -> int:
             longbench=args.longbench,
             progress=not args.quiet,
             task_opts=_opts(args.opt),
+            base=args.base,
         )
     except (ValueError, OSError) as e:
         raise UsageError(str(e)) from None

@@ -3,10 +3,11 @@
     longact inspect --model DIR --data FILE.parquet [--compare DIR2] [--n 16] \\
         [--ratio 0.3] [--policy topk] [--score mean_abs] [--granularity channel] \\
         [--point proj|norm] [--out DIR] [--batch-size 4] [--seed 0] \\
-        [--calib-n 0] [--calib-data FILE]
+        [--calib-n 0] [--calib-data FILE] [--base DIR]
 
 Runs the model (HF dir or verl checkpoint: ``global_step_N``, ``.../actor`` or its
-``huggingface/``) over the first ``n`` prompts, prints the concentration table and writes
+``huggingface/``; or a LoRA adapter, loaded unmerged onto ``--base``, by default the base
+path it records) over the first ``n`` prompts, prints the concentration table and writes
 ``inspect.json``, ``heatmaps.png`` and, with ``--compare``, ``compare.png`` to ``--out``
 (default ``outputs/inspect/<model name>``). With ``--calib-n N`` the mask is chosen on N
 calibration prompts (``--calib-data``, or the rows after the first ``n``) and measured on
@@ -45,6 +46,9 @@ def register(sub) -> None:
                    "(default 0: the same prompts)")  # fmt: skip
     p.add_argument("--calib-data", default=None,
                    help="calibration parquet (default: the rows after the first --n)")  # fmt: skip
+    p.add_argument("--base", default=None,
+                   help="base model of a LoRA adapter given as --model/--compare "
+                   "(default: the path the adapter records)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -71,6 +75,7 @@ def run(args) -> int:
         "seed": args.seed,
         "calib_n": args.calib_n,
         "calib_data": args.calib_data,
+        "base": args.base,
     }
     try:
         result = inspect_model(args.model, args.data, **opts)

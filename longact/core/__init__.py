@@ -12,6 +12,8 @@ No ray or verl imports here: the verl integration wires these pieces into its wo
 - ``sparse_update``: keeps rows outside the mask bit-identical through optimizer steps.
 - ``exact_update``: its snapshot-free path for torch's AdamW / Adam / SGD, and the rule.
 - ``sharding``: FSDP2 (DTensor ``Shard(0)``) local row ranges.
+- ``lora``: LongAct over a peft LoRA adapter: the q/k ``lora_B`` rows it freezes, what it
+  refuses, the adapter written with each checkpoint.
 """
 
 from longact.core.arch import (

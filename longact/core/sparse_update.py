@@ -162,7 +162,7 @@ class RowMaskGuard:
 
     # ---- masks -----------------------------------------------------------------------
     def _validate(self, masks: MaskSet) -> None:
-        weight_keys = {k for t in self.targets if t.ref.kind == "weight" for k, _ in t.sources}
+        weight_keys = {k for t in self.targets if t.ref.row_matrix for k, _ in t.sources}
         for t in self.targets:
             for key, rows in t.sources:
                 if key not in masks:
@@ -207,7 +207,7 @@ class RowMaskGuard:
                 continue  # same rows: nothing enters or leaves, t.frozen stays
             new_local = new[t.start : t.stop]  # (n_local,) bool
             if prev is not None:
-                if t.ref.kind == "weight":  # rows outside every source are True in both
+                if t.ref.row_matrix:  # rows outside every source are True in both
                     entering_total += int((new & ~prev).sum())
                     leaving_total += int((prev & ~new).sum())
                 if not restored:

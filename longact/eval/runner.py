@@ -5,7 +5,10 @@ length with the model's own tokenizer (``longact.data.make_dataset``), decodes g
 and scores each response with the training reward (``longact.rewards.compute_score``),
 so evaluation and RL agree on what counts as right. ``model_dir`` is any Hugging Face
 causal LM directory whose tokenizer has a chat template, or a verl checkpoint
-(``global_step_N/actor`` or its ``huggingface/`` folder, which must then hold weights).
+(``global_step_N/actor`` or its ``huggingface/`` folder, which must then hold weights),
+or a LoRA adapter (a peft folder, or a LoRA run's step folder with ``lora_adapter/``):
+it is merged into its base model (``base=``, default: the adapter's base path) in a
+temporary directory that the evaluation reads, and removed after.
 
 Backends: ``hf`` (transformers ``generate``, batched, left padding; the CPU path) and
 ``vllm`` (when vLLM imports and CUDA is present; ``auto`` picks it then). With
@@ -15,10 +18,14 @@ every length (contexts cut in the middle) and broken down by difficulty and leng
 
 from __future__ import annotations
 
+import contextlib
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from longact.core.lora import find_adapter, merge_adapter
 from longact.data import longbench as lb
 from longact.data.tasks import make_dataset
 from longact.eval import report
@@ -47,6 +54,18 @@ def resolve_model_dir(path: str | Path) -> Path:
                 )
             return cand
     raise EvalError(f"no config.json in {p} (nor in {p}/huggingface): not a model directory")
+
+
+@contextlib.contextmanager
+def model_directory(path: str | Path, base: str | Path | None = None) -> Iterator[Path]:
+    """The model directory to load: ``resolve_model_dir(path)``, or for a LoRA adapter
+    the adapter merged into its base, in a temporary directory removed on exit."""
+    adapter = find_adapter(path)
+    if adapter is None:
+        yield resolve_model_dir(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="longact-eval-") as tmp:
+        yield merge_adapter(adapter, Path(tmp) / "merged", base)
 
 
 def load_tokenizer(model_dir: Path):
@@ -211,10 +230,12 @@ def evaluate(
     longbench: str | Path | None = None,
     progress: bool = True,
     task_opts: dict | None = None,
+    base: str | Path | None = None,
 ) -> dict:
     """Score ``model_dir`` on every task x length; write the report files to ``out_dir``.
 
-    ``task_opts`` (e.g. ``{"value_digits": 2}``) go to every task that has the option.
+    ``task_opts`` (e.g. ``{"value_digits": 2}``) go to every task that has the option;
+    ``base`` is the base model of a LoRA adapter given as ``model_dir``.
     """
     from longact.data.tasks import TASKS
 
@@ -222,15 +243,17 @@ def evaluate(
         TASKS.get(task)  # unknown task: error listing the valid ones, before loading anything
     if n < 1 or batch_size < 1 or max_new_tokens < 1 or not lengths or min(lengths) < 1:
         raise EvalError("n, batch size, max new tokens and lengths must be positive")
-    model_path = resolve_model_dir(model_dir)
-    tok = load_tokenizer(model_path)
     records = lb.load(longbench)[:n] if longbench else []
-    jobs = make_jobs(tok, tasks, lengths, n, seed, task_opts, records)
     backend = pick_backend(backend)
-    if backend == "vllm":
-        generate = VLLMGenerator(model_path, tok, max_new_tokens, max(lengths))
-    else:
-        generate = HFGenerator(model_path, tok, max_new_tokens)
+    with model_directory(model_dir, base) as loaded:  # weights in memory past this block
+        tok = load_tokenizer(loaded)
+        if backend == "vllm":
+            generate = VLLMGenerator(loaded, tok, max_new_tokens, max(lengths))
+        else:
+            generate = HFGenerator(loaded, tok, max_new_tokens)
+    adapter = find_adapter(model_dir)
+    model_path = adapter if adapter is not None else resolve_model_dir(model_dir)
+    jobs = make_jobs(tok, tasks, lengths, n, seed, task_opts, records)
     bar = tqdm(total=count_batches(jobs, batch_size), desc="eval", disable=not progress)
     samples = run_jobs(generate, tok, jobs, batch_size, bar)
     bar.close()

@@ -2,11 +2,12 @@
 
 ``inspect_model(model_dir, data, ...)`` loads an HF causal LM (or a verl checkpoint
 folder: ``global_step_N``, its ``actor/`` or ``actor/huggingface/``; resolved by
-``longact.eval.runner.resolve_model_dir``), runs the first ``n`` prompts of ``data`` (a
-parquet path or rows with a chat ``prompt``) through it with the chat template and the
-generation prompt, right-padded so real tokens see exactly what they would see alone,
-and captures statistics from real tokens only (``longact.core.capture_qk_stats``,
-``during_no_grad=True``). Only the decoder runs (no LM head: no vocab-sized logits).
+``longact.eval.runner.resolve_model_dir``) or a LoRA adapter on its base model, runs
+the first ``n`` prompts of ``data`` (a parquet path or rows with a chat ``prompt``)
+through it with the chat template and the generation prompt, right-padded so real
+tokens see exactly what they would see alone, and captures statistics from real tokens
+only (``longact.core.capture_qk_stats``, ``during_no_grad=True``). Only the decoder runs
+(no LM head: no vocab-sized logits).
 
 For every (layer, "q"|"k") the result holds, over ``C`` output channels with per-channel
 mean |x| ``m`` (the magnitude the paper and AWQ use, whatever ``score`` selects with):
@@ -55,6 +56,7 @@ from longact.core import (
     validate_ratio,
 )
 from longact.core.arch import ProjGeom, Rope, key_str, parse_key
+from longact.core.lora import ADAPTER_DIR
 
 FORMAT = 1
 
@@ -65,7 +67,8 @@ class InspectError(ValueError):
 
 def model_name(path: str | Path) -> str:
     """Display name: ``.../run1/global_step_20/actor/huggingface`` -> ``run1/global_step_20``."""
-    parts = [p for p in Path(path).resolve().parts if p not in ("huggingface", "actor")]
+    skip = ("huggingface", "actor", ADAPTER_DIR)
+    parts = [p for p in Path(path).resolve().parts if p not in skip]
     name = parts[-1] if parts else str(path)
     if name.startswith("global_step_") and len(parts) > 1:
         name = f"{parts[-2]}/{name}"
@@ -131,24 +134,31 @@ def _check_settings(
         raise InspectError(str(e)) from None
 
 
-def _load(model_dir: str | Path):
+def _load(model_dir: str | Path, base: str | Path | None = None):
     """(resolved path, tokenizer, base decoder, adapter, layout, model_type); errors before
-    weights load."""
+    weights load. A LoRA adapter (``longact.core.lora.find_adapter``) is loaded onto its
+    base model unmerged, so the statistics pass through its LoRA layers, as in training."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from longact.core.lora import LoRAError, adapter_base, find_adapter, load_with_adapter
     from longact.eval.runner import EvalError, load_tokenizer, resolve_model_dir
 
     try:
-        path = resolve_model_dir(model_dir)
+        lora = find_adapter(model_dir)
+        path = adapter_base(lora, base) if lora is not None else resolve_model_dir(model_dir)
         config = AutoConfig.from_pretrained(path)
         adapter = get_adapter(config)  # unsupported model_type: lists the supported ones
         tok = load_tokenizer(path)  # chat template required, pad token set
-    except EvalError as e:
+    except (EvalError, LoRAError) as e:
         raise InspectError(str(e)) from None
     tok.padding_side = "right"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    if lora is not None:
+        lm = load_with_adapter(lora, path, dtype=dtype).to(device).eval().get_base_model()
+        path = lora
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return path, tok, lm.base_model, adapter, adapter.layout(lm.config), config.model_type
 
 
@@ -242,8 +252,11 @@ def inspect_model(
     seed: int = 0,
     calib_n: int = 0,
     calib_data: str | Path | list[dict] | None = None,
+    base: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Capture q/k statistics of ``model_dir`` over the first ``n`` prompts of ``data``.
+    """Capture q/k statistics of ``model_dir`` over the first ``n`` prompts of ``data``
+    (``model_dir`` may be a LoRA adapter: ``base`` is then its base model, by default the
+    path the adapter records).
 
     With ``calib_n > 0`` the mask is chosen on ``calib_n`` calibration prompts - the
     first rows of ``calib_data``, or the rows after the first ``n`` of ``data`` - and every
@@ -259,7 +272,7 @@ def inspect_model(
     if calib_n:
         calib = load_prompts(calib_data if calib_data is not None else data, calib_n,
                              offset=0 if calib_data is not None else n)  # fmt: skip
-    path, tok, model, adapter, layout, model_type = _load(model_dir)
+    path, tok, model, adapter, layout, model_type = _load(model_dir, base)
     texts = [
         tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts
     ]

@@ -2,7 +2,8 @@
 
 A step's folder ``global_step_N/actor`` holds verl's shards (``model_world_size_W_rank_R``,
 ``optim_world_size_W_rank_R``), the Hugging Face weights (``huggingface/``) when
-``save_contents`` includes ``hf_model``, and LongAct's ``longact_state_rank{R}.pt``.
+``save_contents`` includes ``hf_model``, and LongAct's ``longact_state_rank{R}.pt``; in a
+LoRA run, also the adapter LongAct writes (``lora_adapter/``).
 """
 
 from __future__ import annotations
@@ -59,3 +60,28 @@ def qk_optimizer_state(ckpt: Path, step: int, model_dir: Path, world: int) -> di
 def qk_slot(name: str) -> tuple[int, str]:
     """``model.layers.3.self_attn.k_proj.weight`` -> (3, "k")."""
     return int(name.split(".layers.")[1].split(".")[0]), "q" if ".q_proj." in name else "k"
+
+
+def lora_weights(ckpt: Path, step: int) -> dict[str, torch.Tensor]:
+    """The adapter LongAct saved at a step of a LoRA run (peft's names, ``lora_B.weight``)."""
+    from safetensors.torch import load_file
+
+    from longact.core.lora import ADAPTER_DIR
+
+    return load_file(str(step_dir(ckpt, step) / ADAPTER_DIR / "adapter_model.safetensors"))
+
+
+def lora_qk_rows(weights: dict, config) -> dict[str, list]:
+    """{name: [(key, rows)]} of every q/k ``lora_B`` in a saved adapter: which of its rows
+    hold the channels of which (layer, q|k), through the model family's adapter."""
+    from longact.core.arch import get_adapter
+
+    adapter = get_adapter(config)
+    layout = adapter.layout(config)
+    out = {}
+    for name, w in weights.items():
+        # peft saves ``...q_proj.lora_B.weight``; the live parameter carries the adapter name
+        ref = adapter.match_param(name.replace(".lora_B.weight", ".lora_B.default.weight"))
+        if ref is not None:
+            out[name] = adapter.param_rows(ref, layout, w.shape[0])
+    return out

@@ -231,6 +231,50 @@ def _check_vllm_cpu(model_path: str) -> None:
 LONGACT_DEVICES = ("cuda", "cpu")  # where LongAct's engine is registered (workers/fsdp_engine)
 
 
+def _check_lora(config: DictConfig, off: str) -> None:
+    """LoRA under LongAct: refuse, before any worker starts, the settings under which the
+    q/k projections carry no adapter or a frozen lora_B row would not stay unchanged
+    (``longact/core/lora.py``; the engine checks the built model again)."""
+    model = config.actor_rollout_ref.model
+    rank = model.get("lora_rank", 0) or 0
+    if rank <= 0:
+        return
+    from longact.core.lora import REFUSED_TYPES, config_problem
+
+    kind = (model.get("lora") or {}).get("type", "lora")
+    if kind in REFUSED_TYPES:
+        raise ConfigError(
+            f"actor_rollout_ref.model.lora.type={kind!r}: DoRA's magnitude vector rescales "
+            f"whole rows of W_Q/W_K, so LongAct's frozen rows would move; use type=lora, {off}"
+        )
+    if model.get("lora_adapter_path"):
+        raise ConfigError(
+            f"actor_rollout_ref.model.lora_adapter_path={model.lora_adapter_path}: a loaded "
+            "adapter's lora_B is not zero, and a frozen non-zero lora_B row still moves W's "
+            "row through lora_A; merge that adapter into the base model and start a new one, "
+            f"{off}"
+        )
+    cfg_file = Path(str(model.path)).expanduser() / "config.json"
+    if cfg_file.is_file():
+        from longact.core.arch import get_adapter
+
+        try:
+            adapter = get_adapter(json.loads(cfg_file.read_text()).get("model_type"))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        problem = config_problem(adapter, model.get("target_modules"), model.get("exclude_modules"))
+        if problem:
+            raise ConfigError(f"{problem}; {off}")
+    rollout = config.actor_rollout_ref.rollout
+    merged = bool((model.get("lora") or {}).get("merge", False))
+    if rollout.name == "vllm" and config.trainer.get("device", "cuda") == "cpu" and not merged:
+        raise ConfigError(
+            "LoRA with the CPU vllm rollout needs merged weight syncs (vLLM's CPU build "
+            "takes no adapters here): set actor_rollout_ref.model.lora.merge=true, or use "
+            "actor_rollout_ref.rollout.name=hf"
+        )
+
+
 def _check_longact_applies(config: DictConfig, longact: LongActConfig) -> None:
     """With LongAct on, refuse the settings under which verl would quietly run plain RL."""
     if not longact.enable:
@@ -243,13 +287,7 @@ def _check_longact_applies(config: DictConfig, longact: LongActConfig) -> None:
             "engine only (FSDP1 flattens W_Q/W_K, megatron is another engine); set "
             f"actor_rollout_ref.actor.strategy=fsdp2, {off}"
         )
-    lora = config.actor_rollout_ref.model.get("lora_rank", 0) or 0
-    if lora > 0:
-        raise ConfigError(
-            f"actor_rollout_ref.model.lora_rank={lora}: LoRA trains adapters and freezes "
-            "W_Q/W_K, so LongAct's row masks would select nothing; set "
-            f"actor_rollout_ref.model.lora_rank=0, {off}"
-        )
+    _check_lora(config, off)
     device = config.trainer.get("device", "cuda")
     if device not in LONGACT_DEVICES:
         raise ConfigError(

@@ -9,7 +9,8 @@ any worker, and reports in a few seconds:
 - settings that verl's v1 trainer ignores, and recipe keys that have no effect under
   the rest of the config (:data:`RULES`, one plain function each);
 - whether the model and the data files are readable, and whether LongAct has an
-  adapter for the model;
+  adapter for the model; with LoRA, what LongAct will train per projection (lora_B rows,
+  rank, parameters);
 - the checks ``longact-train`` itself runs before starting (platform, LongAct's
   section, files), with their errors.
 
@@ -36,11 +37,14 @@ class Report:
     ignored: list[str] = field(default_factory=list)  # keys without effect, with why
     problems: list[str] = field(default_factory=list)  # what would stop the run
     notes: list[str] = field(default_factory=list)  # readable files, enforced bounds
+    tables: list[str] = field(default_factory=list)  # what will train (LoRA), line by line
 
     def render(self) -> str:
         width = max((len(k) for k, _ in self.settings), default=0)
         out = [f"{k:<{width}}  {v}" for k, v in self.settings]
         out.append("")
+        if self.tables:
+            out += [*self.tables, ""]
         out += [f"ok         {n}" for n in self.notes]
         out += [f"no effect  {x}" for x in self.ignored]
         out += [f"PROBLEM    {p}" for p in self.problems]
@@ -280,6 +284,38 @@ def _check_model(c: DictConfig, report: Report) -> None:
         if model.get("model_type") in ADAPTERS:
             line += f", LongAct adapter {model['model_type']!r}"
     report.notes.append(line)
+    _lora_table(c, path, report)
+
+
+def _lora_table(c: DictConfig, path: Path, report: Report) -> None:
+    """With LoRA and LongAct: per projection, the lora_B rows, rank and parameters that
+    will train (``longact.core.lora.describe``), from the model's config alone."""
+    m = c.actor_rollout_ref.model
+    rank = int(m.get("lora_rank", 0) or 0)
+    if rank <= 0:
+        return
+    sync = "merged weights" if (m.get("lora") or {}).get("merge", False) else "the adapter"
+    report.settings.append(
+        (
+            "lora",
+            f"rank {rank}, alpha {m.lora_alpha}, target_modules {m.target_modules}, "
+            f"synced to the rollout as {sync}",
+        )  # fmt: skip
+    )
+    if not c.longact.enable:
+        return
+    from transformers import AutoConfig
+
+    from longact.core.arch import get_adapter
+    from longact.core.lora import describe
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+        lines = describe(cfg, get_adapter(cfg), c.longact.ratio, rank, c.longact.granularity)
+    except (OSError, ValueError) as e:
+        report.problems.append(f"LoRA + LongAct on {path}: {e}")
+        return
+    report.tables += lines
 
 
 def diagnose(argv: list[str]) -> Report:

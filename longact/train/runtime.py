@@ -13,6 +13,9 @@
   "masked" path for torch's AdamW / Adam / SGD and by snapshot and restore for any other
   optimizer (``core/sparse_update.py``); the path is logged once and reported as
   ``longact/exact_path_snapshot`` (1.0 on the snapshot path);
+- with a peft LoRA adapter (``core/lora.py``), freezes the rows of q/k ``lora_B`` instead of
+  W_Q/W_K (the base is frozen), refuses what would break that at start, and writes the
+  adapter peft loads into each checkpoint (``lora_adapter/``);
 - saves and restores the coordinator's state, its own step counter and the guard's state
   with verl's checkpoints, and has the guard clear the moments of frozen rows that a
   loaded optimizer state carries (snapshot-path or plain verl checkpoints). Every rank writes
@@ -75,6 +78,7 @@ import torch
 from longact.config import LongActConfig
 from longact.core.arch import get_adapter
 from longact.core.capture import QKCapture
+from longact.core.lora import ADAPTER_DIR, check_model, save_adapter
 from longact.core.masks import MaskSet
 from longact.core.sparse_update import RowMaskGuard
 from longact.distributed.client import CoordinatorLost, RefreshError, make_client
@@ -110,6 +114,8 @@ class LongActRuntime:
         self.optimizer = optimizer
         self.model_path = model_path
         self.adapter = get_adapter(module)
+        # LoRA: the guard freezes rows of q/k lora_B (refused where that cannot hold)
+        self.lora = check_model(module, self.adapter)
         self._fields = payload_fields(self.cfg.score)
         self.capture = QKCapture(
             module, self.adapter, point=self.cfg.capture_point, fields=self._fields
@@ -369,8 +375,13 @@ class LongActRuntime:
 
     def save(self, local_path: str) -> None:
         """Write this rank's state beside verl's shard of this rank (atomic: a write
-        killed midway leaves at most a ``.tmp`` file, never a half state file)."""
+        killed midway leaves at most a ``.tmp`` file, never a half state file). With
+        LoRA, rank 0 also writes the adapter peft loads, ``lora_adapter/`` (gathered from
+        every rank's shard)."""
         self._collect()  # async: the refresh in flight (a no-op after before_save)
+        if self.lora is not None:
+            out = Path(local_path) / ADAPTER_DIR
+            save_adapter(self.module, out, write=self.rank == 0, base=self.model_path)
         path = state_path(local_path, self.rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")

@@ -47,13 +47,16 @@ def test_quick_run_writes_results(tmp_path):
     assert main(["--out", str(tmp_path), "--quick"]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
     names = [f["name"] for f in res["figures"]]
-    assert names == ["memory", "mask_apply", "capture", "coordinator"]
+    assert names == ["memory", "mask_apply", "lora", "capture", "coordinator"]
     text = (tmp_path / "README.md").read_text()
     assert "## Goals" in text and "Capture overhead" in text
     figs = {f["name"]: f for f in res["figures"]}
     assert all(t > 0 for t in figs["capture"]["raw"]["by_len"]["64"]["hook_s"])
     assert figs["mask_apply"]["raw"]["summary"]["plain_adamw"]["n"] == 2
     assert figs["coordinator"]["raw"]["ray"] == {}  # quick: in-process only
+    lora = figs["lora"]["raw"]
+    assert lora["kept_bytes"]["masked"] == 0 < lora["kept_bytes"]["snapshot"]
+    assert lora["summary"]["plain_adamw"]["n"] == 2
 
 
 def test_step_time_figure_from_metrics():

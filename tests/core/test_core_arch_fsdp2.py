@@ -2,16 +2,13 @@
 and v rows; the sharded run equals the unsharded one, frozen q/k rows stay bit-identical,
 v rows train, and the masked and snapshot exact paths agree bitwise."""
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import fsdp2_phi3_worker as worker  # found through conftest's sys.path entry
 import pytest
 import torch
 import torch.distributed as dist
+from gloo_ranks import run_ranks
 
 from longact.core import get_adapter
 from longact.core.arch import param_mask
@@ -19,39 +16,10 @@ from longact.core.arch import param_mask
 HERE = Path(__file__).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_phi3_fused_qkv_two_ranks_match_unsharded(tmp_path):
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent.parent), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "fsdp2_phi3_worker.py"), str(tmp_path)],
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(2)
-    ]
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        logs.append(out.decode(errors="replace")[-4000:])
-    assert all(p.returncode == 0 for p in procs), "\n\n".join(logs)
+    run_ranks(HERE / "fsdp2_phi3_worker.py", tmp_path)
 
     sharded = torch.load(tmp_path / "phi3_sharded.pt")
     ref = worker.train(sharded=False)

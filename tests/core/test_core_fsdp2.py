@@ -1,16 +1,13 @@
 """FSDP2 (fully_shard, 2 gloo processes on CPU): sharded == unsharded, frozen rows exact,
 the masked exact path bitwise equal to the snapshot path on the shards."""
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import fsdp2_worker  # found through conftest's sys.path entry
 import pytest
 import torch
 import torch.distributed as dist
+from gloo_ranks import run_ranks
 from longact_tiny import tiny_model
 
 from longact.core import get_adapter
@@ -18,38 +15,9 @@ from longact.core import get_adapter
 HERE = Path(__file__).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_fsdp2_two_ranks_match_unsharded(tmp_path):
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2")
-    env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent.parent), env.get("PYTHONPATH", "")])
-    env["OMP_NUM_THREADS"] = "1"
-    if sys.platform.startswith("linux"):
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only, whatever the hostname
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "fsdp2_worker.py"), str(tmp_path)],
-            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for r in range(2)
-    ]
-    logs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        logs.append(out.decode(errors="replace")[-4000:])
-    assert all(p.returncode == 0 for p in procs), "\n\n".join(logs)
+    run_ranks(HERE / "fsdp2_worker.py", tmp_path)
 
     sharded = torch.load(tmp_path / "sharded.pt")
     assert sharded.keys() == fsdp2_worker.VARIANTS.keys()

@@ -125,3 +125,32 @@ def test_input_errors(tiny_dir, tmp_path):
         )
         == 2
     )
+
+
+def test_lora_adapter_is_evaluated_merged_into_its_base(tiny_dir, tmp_path):
+    """An adapter folder answers as the same adapter merged by hand does, not as its base;
+    the merged copy lives in a temporary folder only for the run."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from longact.core.lora import save_adapter
+
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_dir), LoraConfig(r=4, target_modules="all-linear")
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.5)
+    adapter = save_adapter(model, tmp_path / "lora_adapter", base=str(tiny_dir))
+    by_hand = tmp_path / "merged"
+    model.merge_and_unload().save_pretrained(by_hand)
+    AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(by_hand)
+    args = (["niah_single"], [64], 3)
+    kw = {"max_new_tokens": 4, "progress": False}
+    got = evaluate(tmp_path, *args, **kw)  # the folder holding lora_adapter/
+    assert got["model"] == str(adapter)
+    responses = [s["response"] for s in got["samples"]]
+    assert responses == [s["response"] for s in evaluate(by_hand, *args, **kw)["samples"]]
+    assert responses != [s["response"] for s in evaluate(tiny_dir, *args, **kw)["samples"]]

@@ -159,3 +159,41 @@ def test_calibration_split_chooses_on_other_prompts(tiny_models, niah_parquet, t
     assert "of |q| and" in last and "low-frequency half of RoPE" in last
     assert run_cli(*args, "--n", "2") == 0
     assert "in-sample" in capsys.readouterr().out.strip().splitlines()[-2]
+
+
+def test_lora_adapter_is_inspected_on_its_base(tiny_models, niah_parquet, tmp_path, capsys):
+    """A LoRA run's step folder: the adapter is loaded onto the base it records, unmerged,
+    and the statistics pass through it (its q_proj adapters change every layer's |Q|;
+    layer 0's |K|, before any adapter acts, is the base's). A base that is not there is an
+    error naming --base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from longact.core.lora import save_adapter
+
+    base = tiny_models[0]
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"])
+    )
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    step = tmp_path / "run" / "global_step_2"
+    save_adapter(model, step / "actor" / "lora_adapter", base=str(base))
+    plain = inspect_model(base, niah_parquet, n=2)
+    res = inspect_model(step, niah_parquet, n=2)
+    assert res["model_name"] == "run/global_step_2"
+    for key, ch in res["channels"].items():
+        same = ch["mean_abs"] == plain["channels"][key]["mean_abs"]
+        if key != "1.k":  # layer 1's K reads a residual stream layer 0's adapter changed
+            assert same == (key == "0.k"), key
+    moved = tmp_path / "moved"
+    save_adapter(model, moved, base=str(tmp_path / "gone"))
+    err = fails(capsys, "--model", str(moved), "--data", str(niah_parquet), "--n", "1")
+    assert "base model of the LoRA adapter" in err and "--base DIR" in err
+    out = tmp_path / "with_base"
+    args = ["--model", str(moved), "--base", str(base), "--data", str(niah_parquet), "--n", "1"]
+    assert run_cli(*args, "--out", str(out)) == 0
+    assert json.loads((out / "inspect.json").read_text())["model_name"] == "moved"

@@ -178,7 +178,6 @@ def test_longact_config_from_dict_directly():
     [
         ("actor_rollout_ref.actor.strategy=fsdp", "strategy='fsdp': LongAct extends"),
         ("actor_rollout_ref.actor.strategy=megatron", "strategy='megatron': LongAct extends"),
-        ("actor_rollout_ref.model.lora_rank=8", "lora_rank=8: LoRA trains adapters"),
         ("trainer.device=npu", "trainer.device='npu': LongAct's engine is registered"),
     ],
 )
@@ -187,6 +186,31 @@ def test_settings_that_would_silently_be_plain_rl_are_refused(prepare, override,
         prepare(override)
     assert "longact.enable=false" in str(e.value)  # the way out is in the message
     assert prepare(override, "longact.enable=false").longact.enable is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["actor_rollout_ref.model.target_modules=[v_proj,o_proj]"], "leaves q_proj without"),
+        (["actor_rollout_ref.model.target_modules=[q_proj,v_proj]"], "leaves k_proj without"),
+        (["actor_rollout_ref.model.exclude_modules=[k_proj]"], "excludes k_proj"),
+        (["actor_rollout_ref.model.lora.type=dora"], "lora.type='dora': DoRA"),
+        (["actor_rollout_ref.model.lora_adapter_path=/tmp/a"], "a loaded adapter's lora_B"),
+        (["actor_rollout_ref.rollout.name=vllm"], "lora.merge=true, or use"),
+    ],
+)
+def test_lora_settings_longact_cannot_keep_exact_are_refused(prepare, overrides, message):
+    """LoRA itself runs (all-linear, or the q/k projections listed): what would leave
+    q/k without an adapter, or a frozen lora_B row moving, is refused before launch."""
+    lora = [
+        "actor_rollout_ref.model.lora_rank=8",
+        "actor_rollout_ref.model.target_modules=all-linear",
+    ]
+    assert prepare(*lora).actor_rollout_ref.model.lora_rank == 8
+    listed = "actor_rollout_ref.model.target_modules=[q_proj,k_proj,v_proj]"
+    assert prepare(*lora, listed).actor_rollout_ref.model.lora_rank == 8
+    with pytest.raises(ConfigError, match=message):
+        prepare(*lora, *overrides)
 
 
 def test_driver_on_a_cluster_counts_the_clusters_gpus(prepare, monkeypatch, capsys):

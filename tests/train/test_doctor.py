@@ -108,3 +108,24 @@ def test_names_the_rollout_engine_and_refuses_vllm_for_a_16_wide_head(run_files,
     assert "PROBLEM    " in out and "has head_dim 16; vLLM's CPU attention serves" in out
     assert main(_args(run_files)) == 0
     assert "transformers.generate in a Ray actor (LongAct's hf rollout)" in capsys.readouterr().out
+
+
+def test_lora_run_shows_what_longact_trains_per_projection(run_files, capsys):
+    """``longact doctor`` on a LoRA run: the rows of lora_B the masks keep, the rank and
+    the parameters, per projection (the xxs model: 2 layers, q 4 x 16 = 64 rows, k 2 x 16
+    = 32, ratio 0.3)."""
+    lora = ["actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.model.lora_alpha=16"]
+    assert main(_args(run_files, *lora)) == 0
+    out = capsys.readouterr().out
+    assert "lora       rank 8, alpha 16, target_modules all-linear, synced to the rollout" in out
+    q = next(ln for ln in out.splitlines() if ln.strip().startswith("q "))
+    k = next(ln for ln in out.splitlines() if ln.strip().startswith("k "))
+    # n_keep(0.3, 64) = 19 rows per layer, x 2 layers; params = rows x rank
+    assert "38 / 128" in q and "304 / 1,024" in q and "q_proj" in q
+    assert "20 / 64" in k and "160 / 512" in k  # n_keep(0.3, 32) = 10 per layer
+    assert q.endswith("1,024")  # lora_A: 2 layers x rank 8 x hidden 64
+    bad = [*lora, "actor_rollout_ref.model.target_modules=[v_proj]"]
+    assert main(_args(run_files, *bad)) == 1
+    assert "PROBLEM    actor_rollout_ref.model.target_modules=['v_proj'] leaves q_proj" in (
+        capsys.readouterr().out
+    )

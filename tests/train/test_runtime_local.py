@@ -155,3 +155,39 @@ def test_resume_from_a_plain_checkpoint_starts_longact_fresh(tmp_path, capsys):
             for k, v in opt.state[t.param].items():
                 if k != "step":
                     assert not v[frozen].any(), (step, t.name, k)
+
+
+def test_lora_runtime_freezes_lora_b_rows_and_saves_the_adapter(tmp_path):
+    """A peft LoRA model through the runtime: refreshes as without LoRA, the rows of q/k
+    lora_B never selected stay zero, the checkpoint holds the adapter peft loads; a
+    non-zero lora_B at start is refused."""
+    import json
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from longact.core.lora import LoRAError
+
+    lora = LoraConfig(r=4, target_modules="all-linear")
+    model = get_peft_model(tiny_model("qwen3", seed=0), lora)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    layout = get_adapter(model).layout(model)
+    rt = LongActRuntime(model, opt, CFG, coordinator=SaliencyCoordinator(CFG, layout, 1))
+    assert rt.lora["rank"] == 4 and rt.guard.path == "masked"
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"
+    b = dict(model.named_parameters())[name]
+    ever = torch.zeros(b.shape[0], dtype=torch.bool)
+    for step in range(1, 4):
+        runtime_step(rt, model, opt, step)
+        ever |= rt.guard.masks[(0, "q")]
+    assert rt.version == 2 and (~ever).any()
+    assert not b[~ever].any()  # rows never selected: still exactly zero
+    assert b[rt.guard.masks[(0, "q")]].ne(0).any(1).all()  # the kept rows trained
+    rt.save(str(tmp_path))
+    saved = json.loads((tmp_path / "lora_adapter" / "adapter_config.json").read_text())
+    assert saved["r"] == 4 and state_path(tmp_path, 0).is_file()
+    loaded = PeftModel.from_pretrained(tiny_model("qwen3", seed=0), tmp_path / "lora_adapter")
+    ids = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(LoRAError, match="not zero when LongAct starts"):
+        LongActRuntime(loaded, opt, CFG, coordinator=SaliencyCoordinator(CFG, layout, 1))

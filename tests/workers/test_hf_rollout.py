@@ -117,6 +117,39 @@ def test_load_weights_rejects_unknown_names(server):
     assert asyncio.run(server.get_state_checksum()) == checksum  # nothing was copied
 
 
+def test_unmerged_lora_sync_serves_the_adapter(server, tiny_xxs):
+    """verl's unmerged LoRA sync: base tensors under ``.base_layer`` names first, then
+    the adapter under peft's names; the server then computes what the trained peft
+    model computes."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    trained = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_xxs, dtype=torch.float32),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]),
+    ).eval()
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_B" in n or "embed_tokens" in n:
+                p.add_(torch.randn_like(p) * 0.5)
+    cfg = trained.peft_config["default"].to_dict()
+    base = {
+        n.replace("base_model.model.", ""): t.clone()
+        for n, t in trained.state_dict().items()
+        if "lora_" not in n
+    }
+    assert any(".base_layer." in n for n in base)
+    assert asyncio.run(server.load_weights(base, cfg)) == len(base)
+    adapter = get_peft_model_state_dict(trained)
+    assert asyncio.run(server.load_weights(adapter, cfg)) == len(adapter)
+    ids = torch.tensor([PROMPTS[0]])
+    with torch.no_grad():
+        torch.testing.assert_close(server.model(ids).logits, trained(ids).logits)
+    _check_logprobs(server, server._generate_batch(_greedy(), PROMPTS))
+    with pytest.raises(KeyError, match="LoRA sync: weights not in the served model"):
+        asyncio.run(server.load_weights({"model.nope.lora_A.weight": torch.zeros(1)}, cfg))
+
+
 def test_async_generate_returns_token_output(server):
     from verl.workers.rollout.replica import TokenOutput
 

@@ -12,7 +12,10 @@ An adapter answers, for a model or just its config:
   (``norm_layout``: per head ``(B, T, H, D)`` / ``(B, H, T, D)``, or ``flat`` ``(B, T, C)``
   when the norm runs over the whole projection, OLMo 2/3).
 
-Parameter names map to a :class:`ParamRef` (layer, projections carried, weight/bias).
+Parameter names map to a :class:`ParamRef` (layer, projections carried, weight/bias, or
+``lora_B``: under a peft LoRA adapter the base weight is frozen and the rows of the
+projection's ``lora_B.<adapter>.weight``, shape (out, r), are its output channels, laid out
+like the base weight's rows; see ``longact/core/lora.py``).
 Wrappers add path components (FSDP1 ``_fsdp_wrapped_module.``, ``torch.compile``'s
 ``_orig_mod.``, activation checkpointing's ``_checkpoint_wrapped_module.``);
 :func:`normalize_param_name` strips them (FSDP2 keeps the original names). Modules under
@@ -39,6 +42,7 @@ from longact.registry import Registry
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_orig_mod.", "_checkpoint_wrapped_module.")
 TOWERS = ("vision_tower", "audio_tower", "visual", "vision_model", "audio_model")
 NORM_LAYOUTS = ("heads_last", "heads_first", "flat")
+ROW_MATRICES = ("weight", "lora_B")  # ParamRef kinds whose rows are output channels
 
 
 def normalize_param_name(name: str) -> str:
@@ -59,7 +63,12 @@ class ParamRef:
 
     layer: int
     projs: tuple[str, ...]  # projections whose channels live in this parameter's rows
-    kind: str  # "weight" | "bias"
+    kind: str  # "weight" | "bias" | "lora_B"
+
+    @property
+    def row_matrix(self) -> bool:
+        """A matrix whose rows are output channels (a weight or a LoRA ``lora_B``)."""
+        return self.kind in ROW_MATRICES
 
     @property
     def keys(self) -> tuple[Key, ...]:
@@ -214,16 +223,19 @@ class ArchAdapter:
     def _param_pattern(self) -> re.Pattern[str]:
         mods = "|".join(map(re.escape, self.proj_modules))
         return re.compile(
-            rf"(?:^|\.){self.layers_name}\.(\d+)\.{self.attn_name}\.({mods})\.(weight|bias)$"
+            rf"(?:^|\.){self.layers_name}\.(\d+)\.{self.attn_name}\.({mods})\."
+            r"(?:(weight|bias)|(lora_B)\.[^.]+\.weight)$"
         )
 
     def match_param(self, name: str) -> ParamRef | None:
-        """``_orig_mod.model.layers.2.self_attn.k_proj.bias`` -> ParamRef(2, ("k",), "bias")."""
+        """``_orig_mod.model.layers.2.self_attn.k_proj.bias`` -> ParamRef(2, ("k",), "bias");
+        ``...layers.2.self_attn.k_proj.lora_B.default.weight`` -> ParamRef(2, ("k",), "lora_B").
+        A LoRA layer's frozen ``base_layer.weight`` is not matched."""
         name = normalize_param_name(name)
         m = self._param_pattern().search(name)
         if m is None or in_tower(name):
             return None
-        return ParamRef(int(m.group(1)), self.proj_modules[m.group(2)], m.group(3))
+        return ParamRef(int(m.group(1)), self.proj_modules[m.group(2)], m.group(3) or m.group(4))
 
     def param_name(
         self, layer: int, proj: str, kind: str = "weight", prefix: str = "model."
