@@ -19,7 +19,8 @@ Our choice where the paper (which trains full weights) is silent: when a refresh
 channel from the mask, its ``lora_B`` row is frozen where it is (never reset: the policy
 does not jump), but ``lora_A`` is shared by all rows and keeps training, so that row of
 ``dW`` still moves, within the span of its frozen ``B`` row. ``dW`` is exactly zero in
-every row whose channel was never selected, which is what :func:`delta_rows` checks.
+every row whose channel was never selected: that is the guarantee the tests and
+``scripts/gpu_check.py`` check.
 
 Refused, with the reason (:func:`check_model`, and :func:`config_problem` before launch):
 q/k projections without a LoRA adapter (LongAct would select nothing to train), DoRA
@@ -245,7 +246,7 @@ def save_adapter(model: nn.Module, out: str | Path, write: bool = True, base: st
     if not write:
         return None
     pm = peft_model(model)
-    ((name, cfg),) = pm.peft_config.items()
+    ((_, cfg),) = pm.peft_config.items()
     out = Path(out)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -265,12 +266,6 @@ def save_adapter(model: nn.Module, out: str | Path, write: bool = True, base: st
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
-
-
-@torch.no_grad()
-def delta_rows(base: torch.Tensor, merged: torch.Tensor) -> torch.Tensor:
-    """(rows,) bool: the rows of a merged weight that differ from the base weight."""
-    return (merged != base).any(dim=1)
 
 
 def find_adapter(path: str | Path) -> Path | None:
