@@ -48,7 +48,7 @@ from torch import nn
 
 from longact.core.arch.base import ArchAdapter
 from longact.core.arch.layout import PROJS
-from longact.core.masks import n_keep
+from longact.core.arch.report import count_kept
 from longact.core.sharding import local_tensor
 
 ADAPTER_DIR = "lora_adapter"  # beside verl's shards in a step's actor folder
@@ -191,8 +191,7 @@ def describe(
     acc: dict[str, list[int]] = {}  # proj -> [layers, rows kept, rows]
     for key in layout.keys():
         g = layout.geom(key)
-        sizes = torch.bincount(g.units(granularity))  # (U,) rows per unit
-        kept = int(torch.sort(sizes, descending=True).values[: n_keep(ratio, sizes.numel())].sum())
+        _, kept = count_kept(ratio, g, granularity)  # rows of the kept units (at most)
         a = acc.setdefault(key[1], [0, 0, 0])
         a[0], a[1], a[2] = a[0] + 1, a[1] + kept, a[2] + g.rows
     head = ("proj", "module", "layers", "lora_B rows kept / all", "lora_B params trained / all",

@@ -57,15 +57,19 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def model_directory(path: str | Path, base: str | Path | None = None) -> Iterator[Path]:
-    """The model directory to load: ``resolve_model_dir(path)``, or for a LoRA adapter
-    the adapter merged into its base, in a temporary directory removed on exit."""
+def model_directory(
+    path: str | Path, base: str | Path | None = None
+) -> Iterator[tuple[Path, Path]]:
+    """(directory to load, what was evaluated): ``resolve_model_dir(path)`` twice, or for
+    a LoRA adapter the adapter merged into its base, in a temporary directory removed on
+    exit, and the adapter's folder."""
     adapter = find_adapter(path)
     if adapter is None:
-        yield resolve_model_dir(path)
+        resolved = resolve_model_dir(path)
+        yield resolved, resolved
         return
     with tempfile.TemporaryDirectory(prefix="longact-eval-") as tmp:
-        yield merge_adapter(adapter, Path(tmp) / "merged", base)
+        yield merge_adapter(adapter, Path(tmp) / "merged", base), adapter
 
 
 def load_tokenizer(model_dir: Path):
@@ -245,14 +249,12 @@ def evaluate(
         raise EvalError("n, batch size, max new tokens and lengths must be positive")
     records = lb.load(longbench)[:n] if longbench else []
     backend = pick_backend(backend)
-    with model_directory(model_dir, base) as loaded:  # weights in memory past this block
+    with model_directory(model_dir, base) as (loaded, model_path):  # weights in memory after
         tok = load_tokenizer(loaded)
         if backend == "vllm":
             generate = VLLMGenerator(loaded, tok, max_new_tokens, max(lengths))
         else:
             generate = HFGenerator(loaded, tok, max_new_tokens)
-    adapter = find_adapter(model_dir)
-    model_path = adapter if adapter is not None else resolve_model_dir(model_dir)
     jobs = make_jobs(tok, tasks, lengths, n, seed, task_opts, records)
     bar = tqdm(total=count_batches(jobs, batch_size), desc="eval", disable=not progress)
     samples = run_jobs(generate, tok, jobs, batch_size, bar)

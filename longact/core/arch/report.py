@@ -34,7 +34,7 @@ def _param_of(adapter: ArchAdapter, proj: str) -> str:
     return next(a for a, projs in adapter.proj_modules.items() if proj in projs)
 
 
-def _count(ratio: float, geom: ProjGeom, kind: str) -> tuple[int, int]:
+def count_kept(ratio: float, geom: ProjGeom, kind: str) -> tuple[int, int]:
     """(units kept, at most that many rows) at ``ratio`` under granularity ``kind``."""
     sizes = torch.bincount(geom.units(kind))  # (U,) rows per unit
     k = n_keep(ratio, sizes.numel())
@@ -50,8 +50,8 @@ def _line(adapter: ArchAdapter, layers: list[int], geoms: dict, ratio: float) ->
             out.append(f"  {span:>9}  {proj}  none: no W_{proj.upper()} here (shares K/V)")
             continue
         where = f"{_param_of(adapter, proj)} {rows_text(adapter.channel_rows(proj, geoms), g)}"
-        ch, _ = _count(ratio, g, "channel")
-        units, rp_rows = _count(ratio, g, "rope_pair")
+        ch, _ = count_kept(ratio, g, "channel")
+        units, rp_rows = count_kept(ratio, g, "rope_pair")
         out.append(
             f"  {span:>9}  {proj}  {g.heads:>3} x {g.head_dim:<4} {g.rows:>6}  {where:<34} "
             f"{ch:>6}  {units:>5} units <= {rp_rows:<6} {g.rope.describe(g.head_dim)}"
